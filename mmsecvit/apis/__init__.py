@@ -1,0 +1,3 @@
+from .runner import build_runner_from_args, load_config
+
+__all__ = ['load_config', 'build_runner_from_args']

@@ -1,0 +1,79 @@
+"""What tools/train.py and tools/test.py share: loading a config with clear errors and building the runner.
+
+Works for mmdet and mmseg configs alike; the config's ``default_scope`` says which.
+"""
+import os
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+SCOPES = ('mmdet', 'mmseg')
+
+
+def add_common_args(parser):
+    parser.add_argument('--work-dir', help='directory for logs and checkpoints (default: ./work_dirs/<config name>)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, e.g. train_dataloader.batch_size=4')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
+                        help='job launcher for distributed runs')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def load_config(path, cfg_options=None):
+    """Load a config, apply overrides and import its custom modules, with errors that say what to fix."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'Config file {path!r} does not exist (looked from {os.getcwd()})')
+    try:
+        cfg = Config.fromfile(path)
+    except (SyntaxError, NameError, KeyError, ImportError) as error:
+        raise ValueError(f'Could not load config {path!r}: {type(error).__name__}: {error}') from error
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = cfg.get('default_scope')
+    if scope not in SCOPES:
+        raise ValueError(f"Config {path!r} has default_scope={scope!r}; expected one of {SCOPES} "
+                         "(inherit from an mmdet:: or mmseg:: base config)")
+    import mmsecvit  # noqa: F401  registers SecViT even when the config forgot custom_imports
+    check_data_roots(cfg)
+    return cfg
+
+
+def _dataset_roots(dataset):
+    """data_root and annotation file of a (possibly wrapped) dataset config."""
+    while 'dataset' in dataset:
+        dataset = dataset['dataset']
+    if 'datasets' in dataset:
+        for sub in dataset['datasets']:
+            yield from _dataset_roots(sub)
+        return
+    yield dataset.get('data_root', ''), dataset.get('ann_file', '')
+
+
+def check_data_roots(cfg):
+    """Fail early, with the path to fix, when a dataloader points at data that is not there."""
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        if not cfg.get(loader):
+            continue
+        for root, ann_file in _dataset_roots(cfg[loader]['dataset']):
+            if root and not osp.isdir(root):
+                raise FileNotFoundError(
+                    f'{loader}: data_root {root!r} does not exist. Put the dataset there (see README, '
+                    f"'Data layout') or pass --cfg-options {loader}.dataset.data_root=/path/to/data")
+            ann_path = ann_file if osp.isabs(ann_file) else osp.join(root or '', ann_file)
+            if ann_file and osp.splitext(ann_file)[1] and not osp.isfile(ann_path):
+                raise FileNotFoundError(f'{loader}: annotation file {ann_path!r} does not exist')
+
+
+def default_work_dir(config_path):
+    return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
+
+
+def build_runner_from_args(cfg, args):
+    """Apply the command-line settings shared by train and test, then build the runner."""
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or default_work_dir(args.config)
+    if 'runner_type' in cfg:
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)

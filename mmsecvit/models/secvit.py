@@ -1,0 +1,407 @@
+"""SecViT backbone (Semantic Equitable Clustering vision transformer) for mmdetection and mmsegmentation.
+
+Inside a stage the feature map travels as a contiguous (B, H, W, C) tensor: LayerNorm and the 1x1
+projections work on its last dim, and the depthwise convolutions see it as a channels-last NCHW view,
+so no layout copies are made between them.
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmcv.cnn import build_norm_layer
+from mmcv.cnn.bricks import DropPath
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from mmengine.registry import MODELS
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .checkpoint_utils import load_backbone_checkpoint
+from .sec_attention import apply_rope, cluster_assignment, cluster_length, rope_angles, rope_tables, sec_attention
+
+# Variants of the official classification models. Every released variant uses 32, 8, 2 clusters in
+# stages 1-3 and global attention in stage 4 (98 tokens per cluster at 224 px).
+ARCH_SETTINGS = {
+    'tiny': dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 9, 2), num_heads=(2, 4, 8, 16),
+                 layer_scale=(False, False, False, False), drop_path_rate=0.1),
+    'small': dict(embed_dims=(64, 128, 256, 512), depths=(3, 4, 18, 4), num_heads=(2, 4, 8, 16),
+                  layer_scale=(False, False, False, False), drop_path_rate=0.15),
+    'base': dict(embed_dims=(80, 160, 320, 512), depths=(4, 8, 26, 8), num_heads=(5, 5, 10, 16),
+                 layer_scale=(False, False, True, True), drop_path_rate=0.4),
+    'large': dict(embed_dims=(112, 224, 448, 640), depths=(4, 8, 26, 8), num_heads=(7, 7, 14, 20),
+                  layer_scale=(False, False, True, True), drop_path_rate=0.5),
+}
+ARCH_ALIASES = {'t': 'tiny', 's': 'small', 'b': 'base', 'l': 'large'}
+OFFICIAL_NUM_CLUSTERS = (32, 8, 2, -1)
+MIN_INPUT_SIZE = 32
+
+
+def resolve_arch(arch):
+    """Turn an arch name, alias or dict into a complete settings dict.
+
+    A dict needs ``embed_dims``, ``depths`` and ``num_heads`` (one entry per stage) and may set
+    ``layer_scale`` (per stage), ``mlp_ratio`` and ``drop_path_rate``.
+    """
+    if isinstance(arch, str):
+        name = ARCH_ALIASES.get(arch.lower(), arch.lower())
+        if name not in ARCH_SETTINGS:
+            valid = sorted(ARCH_SETTINGS) + sorted(ARCH_ALIASES)
+            raise KeyError(f'Unknown SecViT arch {arch!r}; choose one of {valid} or pass a dict')
+        return dict(ARCH_SETTINGS[name], mlp_ratio=3.0)
+    if not isinstance(arch, dict):
+        raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
+    missing = {'embed_dims', 'depths', 'num_heads'} - set(arch)
+    if missing:
+        raise KeyError(f'Custom SecViT arch is missing {sorted(missing)}')
+    unknown = set(arch) - {'embed_dims', 'depths', 'num_heads', 'layer_scale', 'mlp_ratio', 'drop_path_rate'}
+    if unknown:
+        raise KeyError(f'Custom SecViT arch has unknown keys {sorted(unknown)}')
+    num_stages = len(arch['depths'])
+    settings = dict(layer_scale=(False,) * num_stages, mlp_ratio=3.0, drop_path_rate=0.1)
+    settings.update(arch)
+    for key in ('embed_dims', 'num_heads', 'layer_scale'):
+        if len(settings[key]) != num_stages:
+            raise ValueError(f'arch[{key!r}] has {len(settings[key])} entries, depths has {num_stages}')
+    return settings
+
+
+def per_stage(value, num_stages, name):
+    """Broadcast an int to every stage, or check that a sequence has one entry per stage."""
+    if isinstance(value, int):
+        return (value,) * num_stages
+    value = tuple(value)
+    if len(value) != num_stages:
+        raise ValueError(f'{name} needs one entry per stage ({num_stages}), got {value}')
+    return value
+
+
+def depthwise_nhwc(conv, x):
+    """Apply a depthwise nn.Conv2d to a (B, H, W, C) tensor through its channels-last NCHW view."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class SECAttention(nn.Module):
+    """SEC attention with 2-D rotary position embedding on q and k and a 5x5 LePE on v.
+
+    Args:
+        embed_dims (int): Channels.
+        num_heads (int): Attention heads; each head clusters its own tokens.
+        num_clusters (int): Fixed cluster count (used when ``cluster_size <= 0``); <= 1 is global attention.
+        cluster_size (int): Fixed maximum tokens per cluster; <= 0 to use ``num_clusters``.
+    """
+
+    def __init__(self, embed_dims, num_heads, num_clusters=-1, cluster_size=-1):
+        super().__init__()
+        if embed_dims % num_heads:
+            raise ValueError(f'embed_dims {embed_dims} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = embed_dims // num_heads
+        self.num_clusters = num_clusters
+        self.cluster_size = cluster_size
+        self.qkv = nn.Linear(embed_dims, embed_dims * 3)
+        self.lepe = nn.Conv2d(embed_dims, embed_dims, 5, padding=2, groups=embed_dims)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+
+    def cluster_length(self, num_tokens):
+        return cluster_length(num_tokens, self.num_clusters, self.cluster_size)
+
+    def project(self, x, rope):
+        """x: (B, H, W, C). Returns q and k with rotary embedding (k scaled), v, all (B, heads, N, d)."""
+        batch, height, width, _ = x.shape
+        qkv = self.qkv(x).view(batch, height * width, 3, self.num_heads, self.head_dim)
+        cos, sin = (t[:, None, :] for t in rope)  # (N, 1, d/2): broadcast over heads
+        q = apply_rope(qkv[:, :, 0], cos, sin).transpose(1, 2)
+        k = (apply_rope(qkv[:, :, 1], cos, sin) * self.head_dim ** -0.5).transpose(1, 2)
+        v = qkv[:, :, 2].transpose(1, 2)
+        return q, k, v
+
+    def cluster_ids(self, x, rope):
+        """Cluster index of every position per head, shape (B, heads, H, W), for inspection."""
+        _, k, _ = self.project(x, rope)
+        return cluster_assignment(k, self.cluster_length(k.shape[-2])).unflatten(-1, x.shape[1:3])
+
+    def forward(self, x, rope):
+        """x: (B, H, W, C); rope: (cos, sin) tables for this map size. Returns (B, H, W, C)."""
+        batch, height, width, channels = x.shape
+        q, k, v = self.project(x, rope)
+        v_map = v.transpose(1, 2).reshape(batch, height, width, channels)
+        lepe = depthwise_nhwc(self.lepe, v_map)
+        out = sec_attention(q, k, v, self.cluster_length(height * width))
+        out = out.transpose(1, 2).reshape(batch, height, width, channels)
+        return self.proj(out + lepe)
+
+
+class ConvFFN(nn.Module):
+    """FFN: 1x1 (C -> hidden), GELU, residual 3x3 depthwise conv, 1x1 (hidden -> C)."""
+
+    def __init__(self, embed_dims, hidden_dims):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dims, hidden_dims)
+        self.dwconv = nn.Conv2d(hidden_dims, hidden_dims, 3, padding=1, groups=hidden_dims)
+        self.fc2 = nn.Linear(hidden_dims, embed_dims)
+
+    def forward(self, x):
+        x = F.gelu(self.fc1(x))
+        x = x + depthwise_nhwc(self.dwconv, x)
+        return self.fc2(x)
+
+
+class SecViTBlock(nn.Module):
+    """Conditional position conv, then pre-norm SEC attention and FFN, each residual.
+
+    Args:
+        embed_dims (int): Channels.
+        num_heads (int): Attention heads.
+        mlp_ratio (float): FFN hidden size over ``embed_dims``.
+        num_clusters (int): See :class:`SECAttention`.
+        cluster_size (int): See :class:`SECAttention`.
+        drop_path (float): Stochastic depth rate.
+        layer_scale_init (float | None): Initial layer scale; None disables layer scale.
+    """
+
+    def __init__(self, embed_dims, num_heads, mlp_ratio=3.0, num_clusters=-1, cluster_size=-1, drop_path=0.0,
+                 layer_scale_init=None):
+        super().__init__()
+        self.cpe = nn.Conv2d(embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
+        self.norm1 = nn.LayerNorm(embed_dims, eps=1e-6)
+        self.attn = SECAttention(embed_dims, num_heads, num_clusters, cluster_size)
+        self.norm2 = nn.LayerNorm(embed_dims, eps=1e-6)
+        self.ffn = ConvFFN(embed_dims, int(embed_dims * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if layer_scale_init is None:
+            self.gamma1 = self.gamma2 = None
+        else:
+            self.gamma1 = nn.Parameter(torch.full((embed_dims,), float(layer_scale_init)))
+            self.gamma2 = nn.Parameter(torch.full((embed_dims,), float(layer_scale_init)))
+
+    def forward(self, x, rope):
+        x = x + depthwise_nhwc(self.cpe, x)
+        attn = self.attn(self.norm1(x), rope)
+        x = x + self.drop_path(attn if self.gamma1 is None else self.gamma1 * attn)
+        ffn = self.ffn(self.norm2(x))
+        return x + self.drop_path(ffn if self.gamma2 is None else self.gamma2 * ffn)
+
+
+class SecViTStage(BaseModule):
+    """Blocks of one resolution, then (except in the last stage) a 3x3 stride-2 conv + norm downsampling.
+
+    Args:
+        embed_dims (int): Channels of the stage.
+        depth (int): Number of blocks.
+        num_heads (int): Attention heads.
+        out_dims (int | None): Channels after downsampling; None for no downsampling.
+        drop_paths (Sequence[float]): Stochastic depth rate of each block.
+        with_cp (bool): Gradient checkpointing of each block (non-reentrant).
+        norm_cfg (dict): Norm of the downsampling layer.
+        block_kwargs: Passed to every :class:`SecViTBlock`.
+    """
+
+    def __init__(self, embed_dims, depth, num_heads, out_dims, drop_paths, with_cp=False,
+                 norm_cfg=dict(type='BN'), init_cfg=None, **block_kwargs):
+        super().__init__(init_cfg=init_cfg)
+        self.with_cp = with_cp
+        self.blocks = nn.ModuleList(
+            SecViTBlock(embed_dims, num_heads, drop_path=drop_paths[i], **block_kwargs) for i in range(depth))
+        self.downsample = None if out_dims is None else conv3x3_norm(embed_dims, out_dims, 2, norm_cfg)
+        self.register_buffer('rope_angle', rope_angles(embed_dims // num_heads), persistent=False)
+
+    def forward(self, x):
+        """x: (B, H, W, C). Returns the stage output (B, H, W, C) and the downsampled map for the next stage."""
+        rope = rope_tables(x.shape[1], x.shape[2], self.rope_angle)
+        for block in self.blocks:
+            if self.with_cp and x.requires_grad:
+                x = cp.checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        if self.downsample is None:
+            return x, None
+        down = self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x, down.contiguous()
+
+
+def conv3x3_norm(in_dims, out_dims, stride, norm_cfg, gelu=False):
+    """3x3 conv (with bias, as in the official model), norm and optional GELU; keys ``conv.*`` and e.g. ``bn.*``."""
+    norm_name, norm = build_norm_layer(norm_cfg, out_dims)
+    layers = [('conv', nn.Conv2d(in_dims, out_dims, 3, stride, 1)), (norm_name, norm)]
+    if gelu:
+        layers.append(('act', nn.GELU()))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def build_stem(embed_dims, norm_cfg):
+    """Four 3x3 conv + norm layers with strides 2, 1, 1, 2 (GELU after the first three): stride 4 overall."""
+    mid = embed_dims // 2
+    return nn.Sequential(
+        conv3x3_norm(3, mid, 2, norm_cfg, gelu=True),
+        conv3x3_norm(mid, mid, 1, norm_cfg, gelu=True),
+        conv3x3_norm(mid, mid, 1, norm_cfg, gelu=True),
+        conv3x3_norm(mid, embed_dims, 2, norm_cfg))
+
+
+@MODELS.register_module()
+class SecViT(BaseModule):
+    """SecViT: vision transformer with Semantic Equitable Clustering attention (arXiv 2405.13337).
+
+    Outputs one NCHW feature map per entry of ``out_indices``, at strides 4, 8, 16 and 32.
+
+    Args:
+        arch (str | dict): 'tiny', 'small', 'base', 'large' (or 't', 's', 'b', 'l'), or a dict with
+            ``embed_dims``, ``depths``, ``num_heads`` and optionally ``layer_scale``, ``mlp_ratio``,
+            ``drop_path_rate``.
+        num_clusters (int | Sequence[int] | None): Fixed number of clusters per stage (-1 or 1 is global
+            attention). Default: the official (32, 8, 2, -1), unless ``cluster_size`` is given.
+        cluster_size (int | Sequence[int] | None): Fixed maximum tokens per cluster per stage (-1 is
+            global attention); the cluster count then grows with the image and cost stays linear in the
+            number of pixels. Mutually exclusive with ``num_clusters``.
+        out_indices (Sequence[int]): Stages whose outputs are returned.
+        drop_path_rate (float | None): Stochastic depth rate, linear over all blocks. Default: the
+            variant's rate (0.1 / 0.15 / 0.4 / 0.5).
+        layer_scale_init (float): Initial layer scale in the stages where the variant uses it.
+        norm_cfg (dict): Norm of the convolutional stem and downsampling layers.
+        out_norm_cfg (dict | None): Norm applied to each output; None for no output norm.
+        frozen_stages (int): Freeze the stem (0) and the first ``frozen_stages`` stages; -1 freezes nothing.
+        norm_eval (bool): Keep batch norms in eval mode while training.
+        with_cp (bool): Use (non-reentrant) gradient checkpointing in every block.
+        pretrained (str | None): Deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
+        init_cfg (dict | None): ``dict(type='Pretrained', checkpoint=PATH)`` loads an mmsecvit or an official
+            SecViT classification checkpoint (converted on the fly; head weights are dropped).
+    """
+
+    def __init__(self,
+                 arch='small',
+                 num_clusters=None,
+                 cluster_size=None,
+                 out_indices=(0, 1, 2, 3),
+                 drop_path_rate=None,
+                 layer_scale_init=1e-6,
+                 norm_cfg=dict(type='BN'),
+                 out_norm_cfg=dict(type='LN', eps=1e-6),
+                 frozen_stages=-1,
+                 norm_eval=False,
+                 with_cp=False,
+                 pretrained=None,
+                 init_cfg=None):
+        if pretrained is not None:
+            if init_cfg is not None:
+                raise ValueError('Set either pretrained or init_cfg, not both')
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        super().__init__(init_cfg=init_cfg)
+        settings = resolve_arch(arch)
+        self.embed_dims = tuple(settings['embed_dims'])
+        self.depths = tuple(settings['depths'])
+        self.num_stages = len(self.depths)
+        num_heads = tuple(settings['num_heads'])
+
+        if num_clusters is not None and cluster_size is not None:
+            raise ValueError('Set num_clusters (fixed cluster count) or cluster_size (fixed tokens per '
+                             'cluster), not both')
+        if cluster_size is None:
+            if num_clusters is None:
+                num_clusters = OFFICIAL_NUM_CLUSTERS[:self.num_stages]
+            self.num_clusters = per_stage(num_clusters, self.num_stages, 'num_clusters')
+            self.cluster_size = (-1,) * self.num_stages
+        else:
+            self.cluster_size = per_stage(cluster_size, self.num_stages, 'cluster_size')
+            self.num_clusters = (-1,) * self.num_stages
+
+        self.out_indices = tuple(out_indices)
+        for index in self.out_indices:
+            if not 0 <= index < self.num_stages:
+                raise ValueError(f'out_indices entries must be in [0, {self.num_stages}), got {self.out_indices}')
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+
+        if drop_path_rate is None:
+            drop_path_rate = settings['drop_path_rate']
+        drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+
+        self.patch_embed = build_stem(self.embed_dims[0], norm_cfg)
+        self.stages = nn.ModuleList()
+        for i in range(self.num_stages):
+            first = sum(self.depths[:i])
+            self.stages.append(SecViTStage(
+                self.embed_dims[i], self.depths[i], num_heads[i],
+                out_dims=self.embed_dims[i + 1] if i + 1 < self.num_stages else None,
+                drop_paths=drop_paths[first:first + self.depths[i]],
+                with_cp=with_cp,
+                norm_cfg=norm_cfg,
+                mlp_ratio=settings['mlp_ratio'],
+                num_clusters=self.num_clusters[i],
+                cluster_size=self.cluster_size[i],
+                layer_scale_init=layer_scale_init if settings['layer_scale'][i] else None))
+        for i in self.out_indices:
+            norm = nn.Identity() if out_norm_cfg is None else build_norm_layer(out_norm_cfg, self.embed_dims[i])[1]
+            self.add_module(f'norm{i}', norm)
+        self._freeze_stages()
+
+    @property
+    def out_channels(self):
+        """Channels of each returned feature map, in ``out_indices`` order."""
+        return tuple(self.embed_dims[i] for i in self.out_indices)
+
+    def _freeze_stages(self):
+        frozen = []
+        if self.frozen_stages >= 0:
+            frozen.append(self.patch_embed)
+        for i in range(self.frozen_stages):
+            frozen.append(self.stages[i])
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{i}'))
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode=True):
+        """Switch mode, keeping frozen stages (and, with ``norm_eval``, batch norms) in eval mode."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def init_weights(self):
+        """Official initialisation (truncated normal, std 0.02), or load ``init_cfg``'s checkpoint."""
+        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
+            load_backbone_checkpoint(self, self.init_cfg['checkpoint'], prefix=self.init_cfg.get('prefix'))
+            return
+        super().init_weights()
+        if self.init_cfg is not None:
+            return
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'SecViT expects a 4-D tensor of shape (B, 3, H, W), got {shape}')
+        if x.shape[1] != 3:
+            raise ValueError(f'SecViT expects 3 input channels, shape (B, 3, H, W); got {tuple(x.shape)}')
+        if min(x.shape[2:]) < MIN_INPUT_SIZE:
+            raise ValueError(f'SecViT needs H and W >= {MIN_INPUT_SIZE} (one token at stride 32), '
+                             f'got input of shape {tuple(x.shape)}')
+
+    def forward(self, x):
+        """x: (B, 3, H, W). Returns a tuple of (B, C_i, ceil(H / s_i), ceil(W / s_i)) maps, s_i = 4 * 2**i."""
+        self.check_input(x)
+        x = self.patch_embed(x).permute(0, 2, 3, 1).contiguous()
+        outs = []
+        for i, stage in enumerate(self.stages):
+            out, x = stage(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'norm{i}')(out).permute(0, 3, 1, 2).contiguous())
+            if x is None:
+                break
+        return tuple(outs)

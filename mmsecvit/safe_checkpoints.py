@@ -1,0 +1,25 @@
+"""Let torch's safe checkpoint loading (``weights_only=True``, the default since torch 2.6) read the
+checkpoints that mmengine 0.10.7 writes, without turning the protection off.
+
+mmengine's checkpoints hold, beside tensors, its ``HistoryBuffer`` log objects and numpy arrays and
+scalars. Exactly those types are added to torch's allowlist; anything else a checkpoint tries to
+unpickle (arbitrary classes or callables) is still refused by ``torch.load``.
+"""
+import numpy as np
+import torch
+from mmengine.logging.history_buffer import HistoryBuffer
+
+
+def _numpy_globals():
+    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
+    dtype_classes = [type(np.dtype(t)) for t in
+                     (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.bool_)]
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtype_classes]
+
+
+MMENGINE_CHECKPOINT_GLOBALS = [HistoryBuffer, *_numpy_globals()]
+
+
+def allow_mmengine_checkpoints():
+    """Add the types found in mmengine checkpoints to torch's ``weights_only`` allowlist (idempotent)."""
+    torch.serialization.add_safe_globals(MMENGINE_CHECKPOINT_GLOBALS)

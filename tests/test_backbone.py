@@ -1,0 +1,212 @@
+import math
+
+import pytest
+import torch
+
+from mmsecvit.models import SecViT, SecViTClassifier, convert_official_state_dict
+from mmsecvit.models.secvit import ARCH_SETTINGS, SECAttention, resolve_arch
+from mmsecvit.models.sec_attention import cluster_length, rope_angles, rope_tables
+from official_reference import OfficialSecViT, reference_cluster_attention, reference_rope
+
+OFFICIAL_PARAMS = {'tiny': 14_981_800, 'small': 26_776_104, 'base': 54_682_776, 'large': 96_495_096}
+
+
+def num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def official_model(arch, **kwargs):
+    s = ARCH_SETTINGS[arch]
+    return OfficialSecViT(s['embed_dims'], s['depths'], s['num_heads'], s['layer_scale'], **kwargs)
+
+
+def randomize_norms(model):
+    """Give every norm non-trivial statistics and affine values, so a wrong mapping shows in the outputs."""
+    for name, tensor in model.state_dict().items():
+        if name.endswith(('gamma_1', 'gamma_2')):
+            tensor.copy_(torch.rand_like(tensor) * 0.2)
+        elif name.endswith('running_var') or 'norm' in name and name.endswith('weight'):
+            tensor.copy_(torch.rand_like(tensor) + 0.5)
+        elif name.endswith(('running_mean', 'bias')):
+            tensor.copy_(torch.randn_like(tensor) * 0.1)
+
+
+@pytest.mark.parametrize('arch', ['tiny', 'small', 'base', 'large'])
+def test_classifier_has_official_parameter_count(arch):
+    assert num_params(SecViTClassifier(arch, num_classes=1000)) == OFFICIAL_PARAMS[arch]
+
+
+@pytest.mark.parametrize('arch', ['tiny', 'small', 'base', 'large'])
+def test_backbone_parameter_count_derived_from_official(arch):
+    dims = ARCH_SETTINGS[arch]['embed_dims']
+    head = dims[-1] * 1024 + 1024 + 2 * 1024 + 1024 * 1000 + 1000
+    output_norms = sum(2 * c for c in dims)
+    assert num_params(SecViT(arch)) == OFFICIAL_PARAMS[arch] - head + output_norms
+
+
+def test_official_architecture_reference_has_official_counts():
+    # The test-side reference must itself be the official network, or comparing to it proves nothing.
+    assert num_params(official_model('tiny')) == OFFICIAL_PARAMS['tiny']
+    assert num_params(official_model('base')) == OFFICIAL_PARAMS['base']
+
+
+def test_arch_aliases_and_errors():
+    assert SecViT('s').depths == SecViT('small').depths == (3, 4, 18, 4)
+    with pytest.raises(KeyError, match=r"Unknown SecViT arch 'huge'.*'base'.*'tiny'"):
+        SecViT('huge')
+    with pytest.raises(KeyError, match='missing'):
+        SecViT(dict(embed_dims=(32, 64), depths=(1, 1)))
+    with pytest.raises(ValueError, match='one entry per stage'):
+        SecViT('tiny', num_clusters=(8, 4))
+    with pytest.raises(ValueError, match='not both'):
+        SecViT('tiny', num_clusters=8, cluster_size=98)
+    custom = resolve_arch(dict(embed_dims=(32, 64), depths=(1, 2), num_heads=(1, 2)))
+    assert custom['layer_scale'] == (False, False) and custom['mlp_ratio'] == 3.0
+
+
+@pytest.mark.parametrize('size', [(224, 224), (511, 517), (97, 131), (800, 1344)])
+@pytest.mark.parametrize('mode', [dict(), dict(cluster_size=98)])
+def test_output_shapes_at_any_size(size, mode):
+    model = SecViT('tiny', **mode).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    assert model.out_channels == (64, 128, 256, 512)
+    for i, out in enumerate(outs):
+        stride = 4 * 2 ** i
+        assert out.shape == (1, model.out_channels[i], math.ceil(size[0] / stride), math.ceil(size[1] / stride))
+        assert out.is_contiguous() and torch.isfinite(out).all()
+
+
+def test_out_indices_select_outputs():
+    model = SecViT('tiny', out_indices=(1, 3)).eval()
+    outs = model(torch.randn(2, 3, 64, 96))
+    assert [o.shape[1] for o in outs] == [128, 512] == list(model.out_channels)
+    assert not hasattr(model, 'norm0') and hasattr(model, 'norm3')
+
+
+@pytest.mark.parametrize('shape, message', [
+    ((3, 64, 64), r'4-D tensor of shape \(B, 3, H, W\)'),
+    ((1, 1, 64, 64), r'3 input channels'),
+    ((1, 3, 16, 64), r'H and W >= 32'),
+])
+def test_bad_input_names_expected_shape(shape, message):
+    with pytest.raises(ValueError, match=message):
+        SecViT('tiny')(torch.randn(*shape))
+
+
+def build_pair(arch, **kwargs):
+    """An official reference model with random weights and our backbone loaded from its converted state.
+
+    Both run in float64: the argsort makes SEC discontinuous, and float32 rounding differences between two
+    correct implementations can swap near-tied tokens across a cluster boundary after a few blocks.
+    """
+    official = official_model(arch, **kwargs).eval()
+    randomize_norms(official)
+    ours = SecViT(arch, out_norm_cfg=None, **kwargs)
+    state = {k: v for k, v in convert_official_state_dict(official.state_dict()).items() if not k.startswith('head.')}
+    ours.load_state_dict(state, strict=True)
+    return official.double(), ours.eval().double()
+
+
+@pytest.mark.parametrize('size', [(224, 224), (97, 131)])
+def test_fixed_cluster_count_matches_official_reference(size):
+    # 224: every count divides the tokens (official behaviour); 97x131: it does not, and the reference
+    # clusters the real tokens only, with a shorter last cluster.
+    official, ours = build_pair('tiny')
+    x = torch.randn(2, 3, *size, dtype=torch.double)
+    with torch.no_grad():
+        expected = official.forward_stages(x)
+        actual = ours(x)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+def test_layer_scale_variant_matches_official_reference():
+    official, ours = build_pair('base', num_clusters=(4, 2, 2, -1))
+    x = torch.randn(1, 3, 96, 64, dtype=torch.double)
+    with torch.no_grad():
+        for a, e in zip(ours(x), official.forward_stages(x)):
+            torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize('height, width, cluster_size', [(8, 8, 16), (7, 9, 10), (5, 5, 100), (16, 21, 49)])
+def test_cluster_size_mode_matches_reference(height, width, cluster_size):
+    attn = SECAttention(32, 2, cluster_size=cluster_size).double()
+    x = torch.randn(2, height, width, 32, dtype=torch.double, requires_grad=True)
+    rope = rope_tables(height, width, rope_angles(16).double())
+    out = attn(x, rope)
+
+    n = height * width
+    cluster_len = math.ceil(n / math.ceil(n / cluster_size))
+    qkv = attn.qkv(x).reshape(2, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    q = reference_rope(qkv[0], height, width)
+    k = reference_rope(qkv[1], height, width) * 16 ** -0.5
+    mixed = reference_cluster_attention(q, k, qkv[2], cluster_len).transpose(1, 2).reshape(2, height, width, 32)
+    lepe = attn.lepe(qkv[2].transpose(-1, -2).reshape(2, 32, height, width)).permute(0, 2, 3, 1)
+    expected = attn.proj(mixed + lepe)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
+
+
+def test_cluster_count_grows_with_image_in_cluster_size_mode():
+    assert cluster_length(56 * 56, num_clusters=32) == 98
+    assert cluster_length(200 * 336, num_clusters=32) == 2100  # official setting at 800x1344: quadratic
+    assert cluster_length(200 * 336, cluster_size=98) == 98  # 686 clusters
+    assert cluster_length(400 * 672, cluster_size=98) <= 98
+    assert cluster_length(10, cluster_size=98) == 10
+    assert cluster_length(100, num_clusters=-1) == 100
+
+
+def test_frozen_stages_have_no_trainable_parameters():
+    model = SecViT('tiny', frozen_stages=2)
+    frozen = [model.patch_embed, model.stages[0], model.stages[1], model.norm0, model.norm1]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())  # already in __init__
+    assert all(p.requires_grad for p in model.stages[2].parameters())
+    model.train()
+    assert not model.patch_embed.training and not model.stages[1].training and model.stages[2].training
+    with pytest.raises(ValueError, match='frozen_stages'):
+        SecViT('tiny', frozen_stages=5)
+
+
+def test_norm_eval_keeps_batch_norms_in_eval_mode():
+    model = SecViT('tiny', norm_eval=True).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(bn.training for bn in bns)
+    assert model.stages[0].blocks[0].training
+
+
+def test_with_cp_gives_same_outputs_and_gradients():
+    kwargs = dict(arch='tiny', cluster_size=16, drop_path_rate=0.0)
+    plain, checkpointed = SecViT(**kwargs), SecViT(with_cp=True, **kwargs)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    results = []
+    for model in (plain, checkpointed):
+        model.train()
+        outs = model(x)
+        sum(o.square().mean() for o in outs).backward()
+        results.append((outs, {n: p.grad for n, p in model.named_parameters()}))
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(a, b)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], msg=name)
+
+
+def test_loss_reaches_every_trainable_parameter():
+    model = SecViT('base', cluster_size=8, frozen_stages=0, drop_path_rate=0.0).train()
+    outs = model(torch.randn(2, 3, 64, 64))
+    sum(o.mean() for o in outs).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any(n.startswith('patch_embed') for n, _ in trainable)
+    no_grad = [n for n, p in trainable if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def test_default_init_matches_official():
+    # Official: trunc_normal_(std=0.02) on every conv (bounds +-2, i.e. a plain normal), zero biases.
+    model = SecViT('tiny')
+    model.init_weights()
+    for layer in (model.stages[2].blocks[0].attn.qkv, model.stages[0].blocks[1].ffn.fc2):
+        assert abs(layer.weight.std().item() - 0.02) < 0.001 and abs(layer.weight.mean().item()) < 0.001
+        assert layer.bias.abs().max() == 0

@@ -1,0 +1,46 @@
+"""Train a SecViT detector or segmentor from an mmdet or mmseg config.
+
+    python tools/train.py configs/detection/maskrcnn_secvit_s.py [--work-dir DIR] [--resume [CKPT]] [--amp]
+"""
+import argparse
+
+from mmsecvit.apis import build_runner_from_args, load_config
+from mmsecvit.apis.runner import add_common_args
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a SecViT detector or segmentor')
+    parser.add_argument('config', help='train config file')
+    parser.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
+                        help='resume from CHECKPOINT, or from the latest checkpoint in the work dir if none given')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision (bf16 on CPU, fp16 on GPU)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the learning rate by the actual batch size over auto_scale_lr.base_batch_size')
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.cfg_options)
+    if args.amp:
+        wrapper = cfg.optim_wrapper
+        if wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
+            print('AMP is already enabled in the config')
+        else:
+            wrapper.type = 'AmpOptimWrapper'
+            wrapper.loss_scale = 'dynamic'
+    if args.auto_scale_lr:
+        if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
+            raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=...) in the config')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        cfg.resume, cfg.load_from = True, args.resume
+    runner = build_runner_from_args(cfg, args)
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
