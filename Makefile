@@ -1,9 +1,10 @@
-# make demo: set up .venv if needed, then train and evaluate on the embedded demo data.
+# make demo: set up .venv if needed, then train and evaluate a detector on the embedded demo data.
+# make seg-demo: the same for semantic segmentation.
 # make test: set up .venv if needed, then run the test suite.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup test demo seg-demo clean-venv
 
 setup:
 	bash tools/setup_env.sh
@@ -13,6 +14,9 @@ test: setup
 
 demo: setup
 	$(PYTHON) tools/demo.py
+
+seg-demo: setup
+	$(PYTHON) tools/seg_demo.py
 
 clean-venv:
 	rm -rf $(VENV)
