@@ -1,10 +1,15 @@
 """Let torch's safe checkpoint loading (``weights_only=True``, the default since torch 2.6) read the
-checkpoints that mmengine 0.10.7 writes, without turning the protection off.
+checkpoints that mmengine 0.10.7 writes and the official SecViT training checkpoints, without turning the
+protection off.
 
 mmengine's checkpoints hold, beside tensors, its ``HistoryBuffer`` log objects and numpy arrays and
-scalars. Exactly those types are added to torch's allowlist; anything else a checkpoint tries to
-unpickle (arbitrary classes or callables) is still refused by ``torch.load``.
+scalars. The official (DeiT-style) training script, like timm's, stores its ``argparse.Namespace`` of
+training arguments under ``args``; unpickling a Namespace only sets attributes. Exactly those types are
+added to torch's allowlist; anything else a checkpoint tries to unpickle (arbitrary classes or callables)
+is still refused by ``torch.load``.
 """
+import argparse
+
 import numpy as np
 import torch
 from mmengine.logging.history_buffer import HistoryBuffer
@@ -18,8 +23,10 @@ def _numpy_globals():
 
 
 MMENGINE_CHECKPOINT_GLOBALS = [HistoryBuffer, *_numpy_globals()]
+TRAINING_ARGS_GLOBALS = [argparse.Namespace]
 
 
 def allow_mmengine_checkpoints():
-    """Add the types found in mmengine checkpoints to torch's ``weights_only`` allowlist (idempotent)."""
-    torch.serialization.add_safe_globals(MMENGINE_CHECKPOINT_GLOBALS)
+    """Add the types found in mmengine and official SecViT checkpoints to torch's ``weights_only`` allowlist
+    (idempotent)."""
+    torch.serialization.add_safe_globals(MMENGINE_CHECKPOINT_GLOBALS + TRAINING_ARGS_GLOBALS)
