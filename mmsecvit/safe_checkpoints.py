@@ -23,7 +23,9 @@ def _numpy_globals():
 
 
 MMENGINE_CHECKPOINT_GLOBALS = [HistoryBuffer, *_numpy_globals()]
-TRAINING_ARGS_GLOBALS = [argparse.Namespace]
+# Given with its explicit name: torch's ``safe_globals`` context manager (timm's checkpoint loader uses one
+# for Namespace) removes a bare class from the allowlist on exit, even one allowed before; this entry stays.
+TRAINING_ARGS_GLOBALS = [(argparse.Namespace, 'argparse.Namespace')]
 
 
 def allow_mmengine_checkpoints():
