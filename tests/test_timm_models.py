@@ -1,3 +1,4 @@
+import argparse
 import subprocess
 import sys
 import textwrap
@@ -109,3 +110,18 @@ def test_converted_and_official_checkpoints_give_official_logits(tmp_path):
     with torch.no_grad():
         for model, reference in ((from_converted, official), (from_official, official_ema)):
             torch.testing.assert_close(model.eval().double()(x), reference(x))
+
+
+def test_timm_training_checkpoint_initialises_the_mmdet_backbone(tmp_path):
+    # timm's train.py saves the model under state_dict (and state_dict_ema) beside its args Namespace.
+    model = timm.create_model('secvit_tiny', num_classes=10).eval()
+    randomize_norms(model)
+    torch.save({'arch': 'secvit_tiny', 'state_dict': model.state_dict(), 'args': argparse.Namespace(lr=1e-3)},
+               tmp_path / 'timm_checkpoint.pth')
+    backbone = MODELS.build(dict(type='SecViT', arch='tiny', out_norm_cfg=None, init_cfg=dict(
+        type='Pretrained', checkpoint=str(tmp_path / 'timm_checkpoint.pth')))).eval()
+    backbone.init_weights()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for actual, expected in zip(backbone(x), model.forward_intermediates(x, intermediates_only=True)):
+            torch.testing.assert_close(actual, expected)
