@@ -133,7 +133,7 @@ def test_layer_scale_variant_matches_official_reference():
 def test_cluster_size_mode_matches_reference(height, width, cluster_size):
     attn = SECAttention(32, 2, cluster_size=cluster_size).double()
     x = torch.randn(2, height, width, 32, dtype=torch.double, requires_grad=True)
-    rope = rope_tables(height, width, rope_angles(16).double())
+    rope = rope_tables(height, width, rope_angles(16).double(), key_scale=16 ** -0.5)
     out = attn(x, rope)
 
     n = height * width
@@ -210,3 +210,45 @@ def test_default_init_matches_official():
     for layer in (model.stages[2].blocks[0].attn.qkv, model.stages[0].blocks[1].ffn.fc2):
         assert abs(layer.weight.std().item() - 0.02) < 0.001 and abs(layer.weight.mean().item()) < 0.001
         assert layer.bias.abs().max() == 0
+
+
+@pytest.mark.parametrize('height, width, cluster_size', [(9, 13, 20), (12, 12, 16), (6, 5, -1)])
+def test_fast_path_matches_reference_in_float32(height, width, cluster_size):
+    # fp32 tolerance of the fast path (packed rows, fused attention, complex RoPE) against the plain loops.
+    attn = SECAttention(64, 2, cluster_size=cluster_size)
+    x = torch.randn(2, height, width, 64, requires_grad=True)
+    out = attn(x, rope_tables(height, width, rope_angles(32), key_scale=32 ** -0.5))
+    n = height * width
+    cluster_len = n if cluster_size < 0 else math.ceil(n / math.ceil(n / cluster_size))
+    qkv = attn.qkv(x).reshape(2, n, 3, 2, 32).permute(2, 0, 3, 1, 4)
+    q, k = reference_rope(qkv[0], height, width), reference_rope(qkv[1], height, width) * 32 ** -0.5
+    mixed = reference_cluster_attention(q, k, qkv[2], cluster_len).transpose(1, 2).reshape(2, height, width, 64)
+    lepe = attn.lepe(qkv[2].transpose(-1, -2).reshape(2, 64, height, width)).permute(0, 2, 3, 1)
+    expected = attn.proj(mixed + lepe)
+    assert (out - expected).abs().max() <= 1e-5
+    grad = torch.randn_like(out)
+    params = [x, *attn.parameters()]
+    for a, b in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(expected, params, grad)):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_runs_under_bf16_autocast():
+    model = SecViT('tiny', cluster_size=16).train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outs = model(torch.randn(1, 3, 64, 80))
+    assert all(o.dtype == torch.bfloat16 and torch.isfinite(o).all() for o in outs)
+    sum(o.float().mean() for o in outs).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_recompute_ffn_changes_nothing_but_memory():
+    kwargs = dict(arch='tiny', cluster_size=16, drop_path_rate=0.0)
+    plain, recomputing = SecViT(recompute_ffn=False, **kwargs).train(), SecViT(recompute_ffn=True, **kwargs).train()
+    recomputing.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for model in (plain, recomputing):
+        sum(o.square().mean() for o in model(x)).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -6,8 +6,15 @@ equal length, attention runs inside each cluster and the result is put back in t
 
 When the token count is not a multiple of the cluster length, the last cluster is shorter: it holds
 only real tokens, so nothing is padded, no padded token shifts the centre and none is attended to.
+
+Layout used for speed: q, k and v of one (token, head) pair are stored as one row of ``3 * head_dim``
+values (a "packed" tensor of shape (B, N, heads, 3, head_dim)). Sorting every head's tokens into
+cluster order is then a single row permutation (``index_select`` of contiguous rows, whose gradient is
+the inverse permutation), the clusters are a 4-D batch for the fused attention kernel, and the inverse
+permutation writes the result straight back in (B, N, heads * head_dim) order.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +29,8 @@ def cluster_length(num_tokens, num_clusters=-1, cluster_size=-1):
     Args:
         num_tokens (int): Tokens in the sequence (H * W of the feature map).
         num_clusters (int): Fixed number of clusters (the official behaviour). Clusters are
-            ``ceil(num_tokens / num_clusters)`` long. Used when ``cluster_size <= 0``.
+            ``ceil(num_tokens / num_clusters)`` long, so there are at most ``num_clusters`` of them.
+            Used when ``cluster_size <= 0``.
         cluster_size (int): Fixed maximum tokens per cluster: the cluster count grows with the image
             (``ceil(num_tokens / cluster_size)``) and the tokens are shared out evenly between them,
             so cost stays linear in the token count.
@@ -42,77 +50,105 @@ def semantic_order(k):
     """Rank tokens by the cosine similarity of their key to the mean key (ascending).
 
     Args:
-        k (Tensor): Keys of shape (B, heads, N, head_dim).
+        k (Tensor): Keys of shape (B, N, heads, head_dim) (any strides).
 
     Returns:
         Tensor: Token indices of shape (B, heads, N).
     """
-    centre = F.normalize(k.mean(dim=2, keepdim=True), dim=-1)
-    cosine = (k @ centre.transpose(-1, -2)).squeeze(-1) / torch.linalg.vector_norm(k, dim=-1).clamp_min(1e-12)
-    return cosine.argsort(dim=-1)
+    centre = F.normalize(k.mean(dim=1, keepdim=True), dim=-1)
+    cosine = (k * centre).sum(-1) / torch.linalg.vector_norm(k, dim=-1).clamp_min(1e-12)
+    return cosine.transpose(1, 2).contiguous().argsort(dim=-1)
 
 
 def cluster_assignment(k, cluster_len):
     """Cluster index of every token, in the original token order.
 
     Args:
-        k (Tensor): Keys of shape (B, heads, N, head_dim).
+        k (Tensor): Keys of shape (B, N, heads, head_dim).
         cluster_len (int): Tokens per cluster; ``>= N`` puts every token in cluster 0.
 
     Returns:
         Tensor: Shape (B, heads, N), values in ``[0, ceil(N / cluster_len))``.
     """
-    num_tokens = k.shape[-2]
+    batch, num_tokens, heads, _ = k.shape
     if cluster_len >= num_tokens:
-        return torch.zeros(k.shape[:-1], dtype=torch.long, device=k.device)
+        return torch.zeros(batch, heads, num_tokens, dtype=torch.long, device=k.device)
     order = semantic_order(k)
-    ranks_cluster = (torch.arange(num_tokens, device=k.device) // cluster_len).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, ranks_cluster)
+    rank_cluster = (torch.arange(num_tokens, device=k.device) // cluster_len).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, rank_cluster)
 
 
-def clustered_attention(q, k, v, cluster_len):
-    """Softmax attention inside consecutive clusters of ``cluster_len`` tokens (last one may be shorter).
+class _PermuteRows(torch.autograd.Function):
+    """``rows[index]`` for a permutation ``index``; the gradient is the inverse permutation."""
 
-    ``k`` must already carry the softmax scale: scores are ``q @ k^T`` as in the official code.
+    @staticmethod
+    def forward(ctx, rows, index, inverse):
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def cluster_slot_sources(order, split):
+    """Which packed row fills each slot of the clustered layout.
+
+    Packed rows are numbered ``(b * N + token) * heads + head``. Slots hold, first, the ``split`` leading
+    ranked tokens of every (image, head) (the full clusters), then the remaining shorter cluster of every
+    (image, head), so both parts are contiguous batches.
 
     Args:
-        q, k, v (Tensor): Shape (..., N, d), already in cluster order.
-        cluster_len (int): Tokens per cluster.
+        order (Tensor): Ranked token indices, shape (B, heads, N).
+        split (int): Tokens in full clusters per (image, head).
 
     Returns:
-        Tensor: Shape (..., N, d).
+        Tensor: Shape (B * heads * N,), a permutation of the packed row indices.
     """
-    num_tokens = q.shape[-2]
-    num_full = num_tokens // cluster_len
-    split = num_full * cluster_len
-
-    def attend(start, stop, clusters):
-        chunk = [t[..., start:stop, :].unflatten(-2, (clusters, -1)) for t in (q, k, v)]
-        return F.scaled_dot_product_attention(*chunk, scale=1.0).flatten(-3, -2)
-
-    out = attend(0, split, num_full)
-    if split < num_tokens:
-        out = torch.cat([out, attend(split, num_tokens, 1)], dim=-2)
-    return out
+    batch, heads, num_tokens = order.shape
+    images = torch.arange(batch, device=order.device)[:, None, None]
+    head_ids = torch.arange(heads, device=order.device)[None, :, None]
+    rows = (images * num_tokens + order) * heads + head_ids
+    if split == num_tokens:
+        return rows.flatten()
+    return torch.cat([rows[..., :split].flatten(), rows[..., split:].flatten()])
 
 
-def sec_attention(q, k, v, cluster_len):
-    """SEC attention: cluster by similarity to the key centre, attend inside clusters, restore order.
+def attend(q, k, v):
+    """Softmax attention with scores ``q @ k^T`` (``k`` carries the scale)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+
+
+def sec_attention(packed, cluster_len):
+    """SEC attention on packed q, k, v.
 
     Args:
-        q, k, v (Tensor): Shape (B, heads, N, d); ``k`` already scaled by ``d ** -0.5``.
+        packed (Tensor): Shape (B, N, heads, 3, head_dim): q and k with rotary embedding, k scaled by
+            ``head_dim ** -0.5``, and v.
         cluster_len (int): Tokens per cluster; ``>= N`` means global attention.
 
     Returns:
-        Tensor: Shape (B, heads, N, d) in the original token order.
+        Tensor: Shape (B, N, heads * head_dim), in the original token order.
     """
-    num_tokens, head_dim = q.shape[-2:]
+    batch, num_tokens, heads, _, head_dim = packed.shape
     if cluster_len >= num_tokens:
-        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
-    index = semantic_order(k).unsqueeze(-1).expand(-1, -1, -1, head_dim)
-    q, k, v = (t.gather(2, index) for t in (q, k, v))
-    out = clustered_attention(q, k, v, cluster_len)
-    return out.new_empty(out.shape).scatter(2, index, out)
+        q, k, v = (packed[:, :, :, i].transpose(1, 2) for i in range(3))
+        return attend(q, k, v).transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
+
+    num_full = num_tokens // cluster_len
+    split = num_full * cluster_len
+    groups = batch * heads
+    sources = cluster_slot_sources(semantic_order(packed[:, :, :, 1]), split)
+    inverse = torch.empty_like(sources).scatter_(0, sources, torch.arange(len(sources), device=sources.device))
+    slots = _PermuteRows.apply(packed.reshape(-1, 3 * head_dim), sources, inverse).view(-1, 3, head_dim)
+
+    full = slots[:groups * split].view(groups, num_full, cluster_len, 3, head_dim)
+    out = attend(*full.unbind(3)).reshape(-1, head_dim)
+    if split < num_tokens:
+        rest = slots[groups * split:].view(groups, 1, num_tokens - split, 3, head_dim)
+        out = torch.cat([out, attend(*rest.unbind(3)).reshape(-1, head_dim)])
+    return _PermuteRows.apply(out, inverse, sources).view(batch, num_tokens, heads * head_dim)
 
 
 def rope_angles(head_dim, device=None):
@@ -127,37 +163,53 @@ def rope_angles(head_dim, device=None):
     return angle.repeat_interleave(2)
 
 
-def rope_tables(height, width, angle):
-    """Cosine and sine of the rotation for every token of an ``height x width`` map.
+class RotaryTables(NamedTuple):
+    """Per-token rotations of q and k, shape (N, 1, 2, head_dim // 2): broadcast over (B, N, heads, 2, pairs)."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    complex: torch.Tensor  # cos + i sin, for the float32/float64 path
+
+
+def rope_tables(height, width, angle, key_scale=1.0):
+    """Rotations of q and k for every token of an ``height x width`` map.
 
     The first half of the channel pairs rotate with the row index, the second half with the column index.
+    The key rotation also carries the softmax scale.
 
     Args:
         height, width (int): Feature map size.
         angle (Tensor): Output of :func:`rope_angles`, shape (head_dim // 2,).
+        key_scale (float): Factor folded into the key rotation (``head_dim ** -0.5``).
 
     Returns:
-        tuple[Tensor, Tensor]: cos and sin, each of shape (height * width, head_dim // 2), one value per
-        channel pair.
+        RotaryTables: one value per channel pair for q (index 0) and k (index 1).
     """
     half = angle[::2]  # one frequency per rotated pair
     rows = torch.arange(height, device=angle.device, dtype=angle.dtype)[:, None] * half
     cols = torch.arange(width, device=angle.device, dtype=angle.dtype)[:, None] * half
     theta = torch.cat([rows[:, None, :].expand(-1, width, -1), cols[None, :, :].expand(height, -1, -1)], dim=-1)
-    theta = theta.flatten(0, 1)
-    return theta.cos(), theta.sin()
+    theta = theta.flatten(0, 1)[:, None, None, :]
+    scale = torch.tensor([1.0, key_scale], device=angle.device, dtype=angle.dtype)[:, None]
+    cos, sin = theta.cos() * scale, theta.sin() * scale
+    return RotaryTables(cos, sin, torch.complex(cos, sin))
 
 
-def apply_rope(x, cos, sin):
-    """Rotate adjacent channel pairs ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)``.
+def apply_rope_(qk, rope):
+    """Rotate adjacent channel pairs in place: ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)``.
+
+    A complex multiplication in float32/float64; elementwise for other dtypes (bf16/fp16 under autocast).
 
     Args:
-        x (Tensor): Shape (..., N, d), or any layout whose last two dims broadcast with the tables.
-        cos, sin (Tensor): Shape broadcastable to (..., N, d // 2).
+        qk (Tensor): Shape (B, N, heads, 2, head_dim), q and k; adjacent channels form the pairs.
+        rope (RotaryTables): Tables from :func:`rope_tables`.
 
     Returns:
-        Tensor: Same shape as ``x``.
+        Tensor: ``qk``, rotated.
     """
-    pairs = x.unflatten(-1, (-1, 2))
+    pairs = qk.unflatten(-1, (-1, 2))
+    if qk.dtype == rope.complex.real.dtype:
+        torch.view_as_complex(pairs).mul_(rope.complex)
+        return qk
+    cos, sin = rope.cos.to(qk.dtype), rope.sin.to(qk.dtype)
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return qk.copy_(torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2))
