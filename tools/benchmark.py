@@ -1,0 +1,217 @@
+"""Backbone speed and memory: SecViT against mmdet's Swin Transformer, same process settings for both.
+
+For every model and input size it prints the median forward time (eval, no grad), the median
+forward + backward time (train mode, loss = sum of output means) and the peak memory of forward +
+backward, then the SecViT/Swin ratios and how time scales from 800x1344 to 1600x2688.
+
+    python tools/benchmark.py                                   # CPU, all models and sizes (~20 min on 2 cores)
+    python tools/benchmark.py --models secvit_s swin_t --sizes 800x1344 --repeats 5
+
+Each measurement runs in its own process, so peak memory is that of one model and size. On the CPU
+the peak is the resident-set high-water mark above the level before the first forward + backward;
+on a GPU it is ``torch.cuda.max_memory_allocated`` above the level before.
+
+``--allocator tuned`` (the default on the CPU) starts the measuring processes with glibc told to keep
+freed memory (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``): by default glibc returns every
+large tensor to the kernel when it is freed and the next one pays page faults for fresh zeroed pages,
+which on a 2-core machine costs a third of a training step for either model. ``--allocator default``
+measures without it.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SIZES = ('224x224', '512x512', '800x1344', '1600x2688')
+MODELS = ('secvit_t', 'secvit_s', 'swin_t', 'swin_s')
+KNOWN_MODELS = ('secvit_t', 'secvit_s', 'secvit_b', 'secvit_l', 'swin_t', 'swin_s')
+SWIN_SETTINGS = {'swin_t': dict(depths=(2, 2, 6, 2)), 'swin_s': dict(depths=(2, 2, 18, 2))}
+TUNED_MALLOC = {'MALLOC_MMAP_THRESHOLD_': str(2 ** 32), 'MALLOC_TRIM_THRESHOLD_': str(2 ** 36)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=list(MODELS),
+                        help=f'secvit_{{t,s,b,l}} and swin_{{t,s}}; default {" ".join(MODELS)}')
+    parser.add_argument('--sizes', nargs='+', default=list(SIZES), help='HxW input sizes')
+    parser.add_argument('--repeats', type=int, default=0, help='timed runs (default: 5 below 800x1344, else 3)')
+    parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch CPU threads')
+    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    parser.add_argument('--cluster-size', type=int, default=98, help='SecViT tokens per cluster')
+    parser.add_argument('--no-backward', action='store_true', help='forward only')
+    parser.add_argument('--allocator', choices=['tuned', 'default'], default='tuned',
+                        help='glibc malloc settings of the measuring processes on the CPU (see above)')
+    parser.add_argument('--json', help='also write the results to this file')
+    parser.add_argument('--child', nargs=2, metavar=('MODEL', 'SIZE'), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def parse_size(text):
+    try:
+        height, width = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise SystemExit(f'Size {text!r} is not of the form HxW, e.g. 800x1344')
+    return height, width
+
+
+def build_model(name, cluster_size):
+    if name.startswith('secvit_'):
+        from mmsecvit import SecViT
+        return SecViT(name.split('_')[1], cluster_size=cluster_size)
+    from mmdet.models.backbones import SwinTransformer
+    return SwinTransformer(**SWIN_SETTINGS[name])
+
+
+def resident_mib():
+    with open('/proc/self/statm') as statm:
+        return int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+
+
+def measure(args):
+    """Runs in the child process: time and memory of one model at one size; prints one JSON line."""
+    import torch
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    name, size = args.child
+    height, width = parse_size(size)
+    device = torch.device(args.device)
+    model = build_model(name, args.cluster_size).to(device)
+    x = torch.randn(1, 3, height, width, device=device)
+    repeats = args.repeats or (5 if height * width < 800 * 1344 else 3)
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    def timed(step):
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def train_step():
+        outs = model(x)
+        sum(o.float().mean() for o in outs).backward()
+        model.zero_grad(set_to_none=True)
+
+    result = dict(model=name, size=size, device=str(device), threads=args.threads)
+    if not args.no_backward:
+        model.train()
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            train_step()
+            result['peak_mib'] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+        else:
+            before = resident_mib()
+            train_step()
+            result['peak_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+        result['fwd_bwd_s'] = timed(train_step)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        result['fwd_s'] = timed(lambda: model(x))
+    print(json.dumps(result))
+
+
+def available_mib():
+    with open('/proc/meminfo') as meminfo:
+        fields = dict(line.split(':', 1) for line in meminfo)
+    return int(fields['MemAvailable'].split()[0]) / 1024
+
+
+def run_child(args, model, size, no_backward):
+    command = [sys.executable, __file__, '--child', model, size, '--threads', str(args.threads),
+               '--device', args.device, '--cluster-size', str(args.cluster_size), '--repeats', str(args.repeats)]
+    if no_backward:
+        command.append('--no-backward')
+    env = dict(os.environ)
+    if args.allocator == 'tuned' and args.device == 'cpu':
+        env.update(TUNED_MALLOC)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f'{model} at {size} failed:\n{proc.stderr[-2000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt(value, digits=3):
+    return '-' if value is None else f'{value:.{digits}f}'
+
+
+def report(results, models, sizes):
+    """Markdown tables: absolute numbers, SecViT/Swin-T ratios, and 1600x2688 over 800x1344 scaling."""
+    lines = ['| model | size | forward (s) | forward+backward (s) | peak fwd+bwd memory (MiB) |', '|---|---|---|---|---|']
+    for model in models:
+        for size in sizes:
+            r = results.get((model, size))
+            if r:
+                lines.append(f"| {model} | {size} | {fmt(r.get('fwd_s'))} | {fmt(r.get('fwd_bwd_s'))} | "
+                             f"{fmt(r.get('peak_mib'), 0)} |")
+    for reference in ('swin_t', 'swin_s'):
+        if reference not in models:
+            continue
+        lines += ['', f'Ratios SecViT / {reference} (<= 1.0: SecViT no slower / no larger)', '',
+                  '| model | size | forward | forward+backward | peak memory |', '|---|---|---|---|---|']
+        for model in (m for m in models if m.startswith('secvit')):
+            for size in sizes:
+                ours, theirs = results.get((model, size)), results.get((reference, size))
+                if not ours or not theirs:
+                    continue
+                ratio = [ours.get(k) / theirs[k] if ours.get(k) and theirs.get(k) else None
+                         for k in ('fwd_s', 'fwd_bwd_s', 'peak_mib')]
+                lines.append(f'| {model} | {size} | ' + ' | '.join(fmt(v, 2) for v in ratio) + ' |')
+    if '800x1344' in sizes and '1600x2688' in sizes:
+        lines += ['', 'Scaling: time at 1600x2688 / time at 800x1344 (4x the pixels; linear = 4.0)', '',
+                  '| model | forward | forward+backward |', '|---|---|---|']
+        for model in models:
+            small, large = results.get((model, '800x1344')), results.get((model, '1600x2688'))
+            if small and large:
+                ratio = [large[k] / small[k] if large.get(k) and small.get(k) else None
+                         for k in ('fwd_s', 'fwd_bwd_s')]
+                lines.append(f'| {model} | ' + ' | '.join(fmt(v, 2) for v in ratio) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == 'auto':
+        import torch
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if args.child:
+        return measure(args)
+    sizes = sorted(args.sizes, key=lambda s: parse_size(s)[0] * parse_size(s)[1])
+    unknown = sorted(set(args.models) - set(KNOWN_MODELS))
+    if unknown:
+        raise SystemExit(f'Unknown models {unknown}; choose from {" ".join(KNOWN_MODELS)}')
+    print(f'device {args.device}, {args.threads} threads, allocator {args.allocator}, '
+          f'SecViT cluster_size {args.cluster_size}', flush=True)
+    results = {}
+    for size in sizes:
+        for model in args.models:
+            no_backward = args.no_backward
+            previous = results.get((model, '800x1344'))
+            if size == '1600x2688' and previous and 'peak_mib' in previous and args.device == 'cpu':
+                needed = 4.5 * previous['peak_mib']
+                if needed > 0.9 * available_mib():
+                    print(f'{model} {size}: forward+backward skipped, needs about {needed:.0f} MiB', flush=True)
+                    no_backward = True
+            results[(model, size)] = result = run_child(args, model, size, no_backward)
+            print(f"{model:9s} {size:>9s}  forward {fmt(result['fwd_s'])} s  forward+backward "
+                  f"{fmt(result.get('fwd_bwd_s'))} s  peak {fmt(result.get('peak_mib'), 0)} MiB", flush=True)
+    print()
+    print(report(results, args.models, sizes))
+    if args.json:
+        with open(args.json, 'w') as out:
+            json.dump(list(results.values()), out, indent=1)
+
+
+if __name__ == '__main__':
+    main()
