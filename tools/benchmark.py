@@ -7,15 +7,17 @@ backward, then the SecViT/Swin ratios and how time scales from 800x1344 to 1600x
     python tools/benchmark.py                                   # CPU, all models and sizes (~20 min on 2 cores)
     python tools/benchmark.py --models secvit_s swin_t --sizes 800x1344 --repeats 5
 
-Each measurement runs in its own process, so peak memory is that of one model and size. On the CPU
-the peak is the resident-set high-water mark above the level before the first forward + backward;
-on a GPU it is ``torch.cuda.max_memory_allocated`` above the level before.
+Each measurement runs in its own process. On the CPU, peak memory is measured in a process of its
+own in which glibc hands every freed block of 64 KiB or more back to the kernel
+(``MALLOC_MMAP_THRESHOLD_=65536``), so the resident-set high-water mark above the level before the
+first forward + backward is the peak of live tensors. On a GPU it is ``torch.cuda.max_memory_allocated``
+above the level before.
 
-``--allocator tuned`` (the default on the CPU) starts the measuring processes with glibc told to keep
-freed memory (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``): by default glibc returns every
-large tensor to the kernel when it is freed and the next one pays page faults for fresh zeroed pages,
-which on a 2-core machine costs a third of a training step for either model. ``--allocator default``
-measures without it.
+Times: ``--allocator tuned`` (the default on the CPU) starts the timing processes with glibc told to
+keep freed memory (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``): by default glibc returns
+every large tensor to the kernel when it is freed and the next one pays page faults for fresh zeroed
+pages, which on a 2-core machine costs a third of a training step for either model.
+``--allocator default`` times without it.
 """
 import argparse
 import json
@@ -31,6 +33,7 @@ MODELS = ('secvit_t', 'secvit_s', 'swin_t', 'swin_s')
 KNOWN_MODELS = ('secvit_t', 'secvit_s', 'secvit_b', 'secvit_l', 'swin_t', 'swin_s')
 SWIN_SETTINGS = {'swin_t': dict(depths=(2, 2, 6, 2)), 'swin_s': dict(depths=(2, 2, 18, 2))}
 TUNED_MALLOC = {'MALLOC_MMAP_THRESHOLD_': str(2 ** 32), 'MALLOC_TRIM_THRESHOLD_': str(2 ** 36)}
+RETURNING_MALLOC = {'MALLOC_MMAP_THRESHOLD_': str(2 ** 16)}
 
 
 def parse_args(argv=None):
@@ -47,6 +50,7 @@ def parse_args(argv=None):
                         help='glibc malloc settings of the measuring processes on the CPU (see above)')
     parser.add_argument('--json', help='also write the results to this file')
     parser.add_argument('--child', nargs=2, metavar=('MODEL', 'SIZE'), help=argparse.SUPPRESS)
+    parser.add_argument('--measure', choices=['all', 'time', 'memory'], default='all', help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -102,8 +106,8 @@ def measure(args):
         sum(o.float().mean() for o in outs).backward()
         model.zero_grad(set_to_none=True)
 
-    result = dict(model=name, size=size, device=str(device), threads=args.threads)
-    if not args.no_backward:
+    result = {}
+    if not args.no_backward and args.measure in ('all', 'memory'):
         model.train()
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
@@ -114,11 +118,15 @@ def measure(args):
             before = resident_mib()
             train_step()
             result['peak_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-        result['fwd_bwd_s'] = timed(train_step)
-    model.eval()
-    with torch.no_grad():
-        model(x)
-        result['fwd_s'] = timed(lambda: model(x))
+    if args.measure in ('all', 'time'):
+        if not args.no_backward:
+            model.train()
+            train_step()
+            result['fwd_bwd_s'] = timed(train_step)
+        model.eval()
+        with torch.no_grad():
+            model(x)
+            result['fwd_s'] = timed(lambda: model(x))
     print(json.dumps(result))
 
 
@@ -128,18 +136,27 @@ def available_mib():
     return int(fields['MemAvailable'].split()[0]) / 1024
 
 
-def run_child(args, model, size, no_backward):
+def run_child(args, model, size, no_backward, measure='all', malloc=None):
     command = [sys.executable, __file__, '--child', model, size, '--threads', str(args.threads),
-               '--device', args.device, '--cluster-size', str(args.cluster_size), '--repeats', str(args.repeats)]
+               '--device', args.device, '--cluster-size', str(args.cluster_size), '--repeats', str(args.repeats),
+               '--measure', measure]
     if no_backward:
         command.append('--no-backward')
-    env = dict(os.environ)
-    if args.allocator == 'tuned' and args.device == 'cpu':
-        env.update(TUNED_MALLOC)
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(malloc or {})})
     if proc.returncode != 0:
         raise RuntimeError(f'{model} at {size} failed:\n{proc.stderr[-2000:]}')
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_in_children(args, model, size, no_backward):
+    """One process on a GPU; on the CPU one for memory (freed blocks returned) and one for times."""
+    result = dict(model=model, size=size, device=args.device, threads=args.threads)
+    if args.device != 'cpu':
+        return {**result, **run_child(args, model, size, no_backward)}
+    if not no_backward:
+        result.update(run_child(args, model, size, no_backward, 'memory', RETURNING_MALLOC))
+    timing_malloc = TUNED_MALLOC if args.allocator == 'tuned' else None
+    return {**result, **run_child(args, model, size, no_backward, 'time', timing_malloc)}
 
 
 def fmt(value, digits=3):
@@ -203,7 +220,7 @@ def main(argv=None):
                 if needed > 0.9 * available_mib():
                     print(f'{model} {size}: forward+backward skipped, needs about {needed:.0f} MiB', flush=True)
                     no_backward = True
-            results[(model, size)] = result = run_child(args, model, size, no_backward)
+            results[(model, size)] = result = measure_in_children(args, model, size, no_backward)
             print(f"{model:9s} {size:>9s}  forward {fmt(result['fwd_s'])} s  forward+backward "
                   f"{fmt(result.get('fwd_bwd_s'))} s  peak {fmt(result.get('peak_mib'), 0)} MiB", flush=True)
     print()

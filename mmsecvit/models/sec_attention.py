@@ -164,14 +164,15 @@ def rope_angles(head_dim, device=None):
 
 
 class RotaryTables(NamedTuple):
-    """Per-token rotations of q and k, shape (N, 1, 2, head_dim // 2): broadcast over (B, N, heads, 2, pairs)."""
+    """Per-token rotations of q, k and v (identity), shape (N, 1, 3, head_dim // 2): they broadcast over
+    packed (B, N, heads, 3, pairs)."""
     cos: torch.Tensor
     sin: torch.Tensor
     complex: torch.Tensor  # cos + i sin, for the float32/float64 path
 
 
 def rope_tables(height, width, angle, key_scale=1.0):
-    """Rotations of q and k for every token of an ``height x width`` map.
+    """Rotations of q and k for every token of an ``height x width`` map (v is left unrotated).
 
     The first half of the channel pairs rotate with the row index, the second half with the column index.
     The key rotation also carries the softmax scale.
@@ -182,34 +183,39 @@ def rope_tables(height, width, angle, key_scale=1.0):
         key_scale (float): Factor folded into the key rotation (``head_dim ** -0.5``).
 
     Returns:
-        RotaryTables: one value per channel pair for q (index 0) and k (index 1).
+        RotaryTables: one value per channel pair for q (index 0), k (index 1) and v (index 2, identity).
     """
     half = angle[::2]  # one frequency per rotated pair
     rows = torch.arange(height, device=angle.device, dtype=angle.dtype)[:, None] * half
     cols = torch.arange(width, device=angle.device, dtype=angle.dtype)[:, None] * half
     theta = torch.cat([rows[:, None, :].expand(-1, width, -1), cols[None, :, :].expand(height, -1, -1)], dim=-1)
-    theta = theta.flatten(0, 1)[:, None, None, :]
-    scale = torch.tensor([1.0, key_scale], device=angle.device, dtype=angle.dtype)[:, None]
+    theta = theta.flatten(0, 1)[:, None, None, :] * torch.tensor([1.0, 1.0, 0.0], dtype=angle.dtype,
+                                                                  device=angle.device)[:, None]
+    scale = torch.tensor([1.0, key_scale, 1.0], device=angle.device, dtype=angle.dtype)[:, None]
     cos, sin = theta.cos() * scale, theta.sin() * scale
     return RotaryTables(cos, sin, torch.complex(cos, sin))
 
 
-def apply_rope_(qk, rope):
-    """Rotate adjacent channel pairs in place: ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)``.
+def apply_rope(packed, rope):
+    """Rotate adjacent channel pairs ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)`` of q and k.
 
-    A complex multiplication in float32/float64; elementwise for other dtypes (bf16/fp16 under autocast).
+    One complex multiplication in float32/float64 (in place when no gradient is recorded); elementwise
+    for other dtypes (bf16/fp16 under autocast).
 
     Args:
-        qk (Tensor): Shape (B, N, heads, 2, head_dim), q and k; adjacent channels form the pairs.
+        packed (Tensor): Shape (B, N, heads, 3, head_dim), q, k and v; adjacent channels form the pairs.
         rope (RotaryTables): Tables from :func:`rope_tables`.
 
     Returns:
-        Tensor: ``qk``, rotated.
+        Tensor: The rotated packed tensor.
     """
-    pairs = qk.unflatten(-1, (-1, 2))
-    if qk.dtype == rope.complex.real.dtype:
-        torch.view_as_complex(pairs).mul_(rope.complex)
-        return qk
-    cos, sin = rope.cos.to(qk.dtype), rope.sin.to(qk.dtype)
+    pairs = packed.unflatten(-1, (-1, 2))
+    if packed.dtype == rope.complex.real.dtype:
+        as_complex = torch.view_as_complex(pairs)
+        if not torch.is_grad_enabled():
+            as_complex.mul_(rope.complex)
+            return packed
+        return torch.view_as_real(as_complex * rope.complex).flatten(-2)
+    cos, sin = rope.cos.to(packed.dtype), rope.sin.to(packed.dtype)
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    return qk.copy_(torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2))
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)

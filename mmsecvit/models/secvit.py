@@ -19,7 +19,7 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint_utils import load_backbone_checkpoint
-from .sec_attention import apply_rope_, cluster_assignment, cluster_length, rope_angles, rope_tables, sec_attention
+from .sec_attention import apply_rope, cluster_assignment, cluster_length, rope_angles, rope_tables, sec_attention
 
 # Variants of the official classification models. Every released variant uses 32, 8, 2 clusters in
 # stages 1-3 and global attention in stage 4 (98 tokens per cluster at 224 px).
@@ -127,9 +127,7 @@ class SECAttention(nn.Module):
         weight = self.qkv.weight.view(3, self.num_heads, self.head_dim, channels).transpose(0, 1)
         bias = self.qkv.bias.view(3, self.num_heads, self.head_dim).transpose(0, 1)
         packed = F.linear(x, weight.reshape(3 * channels, channels), bias.reshape(3 * channels))
-        packed = packed.view(batch, height * width, self.num_heads, 3, self.head_dim)
-        apply_rope_(packed[:, :, :, :2], rope)
-        return packed
+        return apply_rope(packed.view(batch, height * width, self.num_heads, 3, self.head_dim), rope)
 
     def cluster_ids(self, x, rope):
         """Cluster index of every position per head, shape (B, heads, H, W), for inspection."""
