@@ -46,35 +46,42 @@ def cluster_length(num_tokens, num_clusters=-1, cluster_size=-1):
 
 
 @torch.no_grad()
-def semantic_order(k):
-    """Rank tokens by the cosine similarity of their key to the mean key (ascending).
+def semantic_order(packed):
+    """Rank each head's tokens by the cosine similarity of their key to the mean key (ascending).
 
     Args:
-        k (Tensor): Keys of shape (B, N, heads, head_dim) (any strides).
+        packed (Tensor): Packed q, k, v of shape (B, N, heads, 3, head_dim), contiguous.
 
     Returns:
         Tensor: Token indices of shape (B, heads, N).
     """
-    centre = F.normalize(k.mean(dim=1, keepdim=True), dim=-1)
-    cosine = (k * centre).sum(-1) / torch.linalg.vector_norm(k, dim=-1).clamp_min(1e-12)
+    batch, num_tokens, heads, _, head_dim = packed.shape
+    k = packed[:, :, :, 1]
+    centre = F.normalize(k.mean(dim=1), dim=-1)  # (B, heads, d)
+    # All heads' dot products in one matmul over the packed token rows: a (heads * 3 * d, heads) matrix
+    # holding each head's centre at that head's key channels and zeros elsewhere.
+    blocks = packed.new_zeros(batch, heads, 3, head_dim, heads)
+    blocks[:, :, 1] = centre[..., None] * torch.eye(heads, dtype=packed.dtype, device=packed.device)[:, None, :]
+    dots = packed.view(batch, num_tokens, -1) @ blocks.view(batch, -1, heads)
+    cosine = dots / torch.linalg.vector_norm(k, dim=-1).clamp_min(1e-12)
     return cosine.transpose(1, 2).contiguous().argsort(dim=-1)
 
 
-def cluster_assignment(k, cluster_len):
+def cluster_assignment(packed, cluster_len):
     """Cluster index of every token, in the original token order.
 
     Args:
-        k (Tensor): Keys of shape (B, N, heads, head_dim).
+        packed (Tensor): Packed q, k, v of shape (B, N, heads, 3, head_dim).
         cluster_len (int): Tokens per cluster; ``>= N`` puts every token in cluster 0.
 
     Returns:
         Tensor: Shape (B, heads, N), values in ``[0, ceil(N / cluster_len))``.
     """
-    batch, num_tokens, heads, _ = k.shape
+    batch, num_tokens, heads = packed.shape[:3]
     if cluster_len >= num_tokens:
-        return torch.zeros(batch, heads, num_tokens, dtype=torch.long, device=k.device)
-    order = semantic_order(k)
-    rank_cluster = (torch.arange(num_tokens, device=k.device) // cluster_len).expand_as(order)
+        return torch.zeros(batch, heads, num_tokens, dtype=torch.long, device=packed.device)
+    order = semantic_order(packed)
+    rank_cluster = (torch.arange(num_tokens, device=packed.device) // cluster_len).expand_as(order)
     return torch.empty_like(order).scatter_(-1, order, rank_cluster)
 
 
@@ -139,7 +146,7 @@ def sec_attention(packed, cluster_len):
     num_full = num_tokens // cluster_len
     split = num_full * cluster_len
     groups = batch * heads
-    sources = cluster_slot_sources(semantic_order(packed[:, :, :, 1]), split)
+    sources = cluster_slot_sources(semantic_order(packed), split)
     inverse = torch.empty_like(sources).scatter_(0, sources, torch.arange(len(sources), device=sources.device))
     slots = _PermuteRows.apply(packed.reshape(-1, 3 * head_dim), sources, inverse).view(-1, 3, head_dim)
 

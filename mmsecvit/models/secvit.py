@@ -132,7 +132,7 @@ class SECAttention(nn.Module):
     def cluster_ids(self, x, rope):
         """Cluster index of every position per head, shape (B, heads, H, W), for inspection."""
         packed = self.project(x, rope)
-        return cluster_assignment(packed[:, :, :, 1], self.cluster_length(packed.shape[1])).unflatten(-1, x.shape[1:3])
+        return cluster_assignment(packed, self.cluster_length(packed.shape[1])).unflatten(-1, x.shape[1:3])
 
     def forward(self, x, rope):
         """x: (B, H, W, C); rope: tables from :func:`rope_tables`. Returns (B, H, W, C)."""
