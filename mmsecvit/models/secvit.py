@@ -152,7 +152,9 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dims, embed_dims)
 
     def forward(self, x):
-        x = F.gelu(self.fc1(x))
+        x = self.fc1(x)
+        # Without autograd, GELU overwrites fc1's output instead of allocating another (N, hidden) tensor.
+        x = F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
         return self.fc2(depthwise_nhwc(self.dwconv, x, residual=True))
 
 
