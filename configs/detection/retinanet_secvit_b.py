@@ -1,0 +1,7 @@
+# RetinaNet 1x with a SecViT-B backbone on COCO (FPN from stage 2, see retinanet_secvit_s.py).
+_base_ = ['./retinanet_secvit_s.py']
+
+pretrained = 'checkpoints/secvit_b_in1k.pth'  # official ImageNet-1k SecViT-B checkpoint, see docs/detection.md
+model = dict(
+    backbone=dict(arch='base', drop_path_rate=0.4, init_cfg=dict(checkpoint=pretrained)),
+    neck=dict(in_channels=[160, 320, 512]))
