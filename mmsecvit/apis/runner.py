@@ -70,9 +70,23 @@ def default_work_dir(config_path):
     return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
 
 
+def setup_cpu_distributed(cfg):
+    """torchrun without CUDA: a gloo process group (mmengine's launcher would select a CUDA device) and
+    DDP without device ids."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group('gloo')
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+    cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+                                 find_unused_parameters=cfg.get('find_unused_parameters', False))
+
+
 def build_runner_from_args(cfg, args):
     """Apply the command-line settings shared by train and test, then build the runner."""
+    import torch
     cfg.launcher = args.launcher
+    if args.launcher == 'pytorch' and not torch.cuda.is_available():
+        setup_cpu_distributed(cfg)
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or default_work_dir(args.config)
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
