@@ -13,7 +13,7 @@ model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(
         # Two blocks fewer than SecViT-T per stage and half its widths: 1.9M parameters.
-        arch=dict(embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
+        arch=dict(_delete_=True, embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
         drop_path_rate=0.0,
         init_cfg=None),
     decode_head=dict(in_channels=[32, 64, 128, 256], channels=64, num_classes=5, norm_cfg=norm_cfg),
