@@ -31,7 +31,9 @@ def enable_visualization(cfg, args):
     hook.wait_time = args.wait_time
     if args.show:
         hook.show = True
-    if args.show_dir:
+    if args.show_dir and cfg.default_scope == 'mmseg':
+        cfg.visualizer.save_dir = args.show_dir  # mmseg's SegVisualizationHook has no test_out_dir
+    elif args.show_dir:
         hook.test_out_dir = args.show_dir
 
 
