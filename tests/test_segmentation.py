@@ -183,3 +183,23 @@ def test_train_val_and_tools_test(tmp_path):
     assert [m.name for m in masks] == ['demo_validation_0000.png', 'demo_validation_0001.png']
     image = Image.open(data_root / 'images' / 'validation' / 'demo_validation_0000.jpg')
     assert Image.open(masks[0]).size == image.size
+
+
+def test_whole_inference_through_ade20k_test_pipeline(tmp_path):
+    """The real ADE20K test pipeline (short side 512, aspect kept) gives sides that are not multiples of 32."""
+    from mmengine.registry import init_default_scope
+    from mmseg.datasets import ADE20KDataset
+    from mmseg.registry import MODELS
+    init_default_scope('mmseg')
+    make_ade_demo(str(tmp_path), 0, 1, seed=3, min_size=100, max_size=140)
+    cfg = Config.fromfile(osp.join(CONFIG_DIR, 'upernet_secvit_s.py'))
+    dataset = ADE20KDataset(data_root=str(tmp_path), data_prefix=dict(
+        img_path='images/validation', seg_map_path='annotations/validation'),
+        metainfo=dict(classes=DEMO_CLASSES), pipeline=cfg.test_pipeline)
+    model = MODELS.build(small_model_cfg(cfg)).eval()
+    batch = dataset[0]
+    height, width = batch['inputs'].shape[1:]
+    assert min(height, width) == 512 and max(height, width) % 32 != 0
+    with torch.no_grad():
+        (result,) = model.test_step(dict(inputs=[batch['inputs']], data_samples=[batch['data_samples']]))
+    assert result.pred_sem_seg.data.shape[1:] == result.gt_sem_seg.data.shape[1:] == result.ori_shape
