@@ -5,7 +5,7 @@
 import argparse
 
 from mmsecvit.apis import build_runner_from_args, load_config
-from mmsecvit.apis.runner import add_common_args
+from mmsecvit.apis.runner import add_common_args, check_pretrained
 
 
 def parse_args(argv=None):
@@ -23,6 +23,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
+    check_pretrained(cfg)
     if args.amp:
         wrapper = cfg.optim_wrapper
         if wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':

@@ -66,6 +66,17 @@ def check_data_roots(cfg):
                 raise FileNotFoundError(f'{loader}: annotation file {ann_path!r} does not exist')
 
 
+def check_pretrained(cfg):
+    """Fail before training, with what to do, when the backbone's pretrained checkpoint file is missing."""
+    init_cfg = cfg.model.get('backbone', {}).get('init_cfg') or {}
+    path = init_cfg.get('checkpoint') if init_cfg.get('type') == 'Pretrained' else None
+    if path and '://' not in path and not osp.isfile(path):
+        raise FileNotFoundError(
+            f'Pretrained backbone checkpoint {path!r} does not exist (looked from {os.getcwd()}). Download the '
+            'official ImageNet checkpoint (docs/detection.md, docs/pretrained.md), or pass --cfg-options '
+            'model.backbone.init_cfg.checkpoint=/path/to/it, or model.backbone.init_cfg=None to train from scratch')
+
+
 def default_work_dir(config_path):
     return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
 
