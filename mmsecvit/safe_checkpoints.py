@@ -3,12 +3,14 @@ checkpoints that mmengine 0.10.7 writes and the official SecViT training checkpo
 protection off.
 
 mmengine's checkpoints hold, beside tensors, its ``HistoryBuffer`` log objects and numpy arrays and
-scalars. The official (DeiT-style) training script, like timm's, stores its ``argparse.Namespace`` of
+scalars; each buffer pickles its statistics methods as ``getattr(HistoryBuffer, 'min')`` and so on. The
+real ``getattr`` is not allowed: a stand-in registered under its name resolves exactly those methods. The official (DeiT-style) training script, like timm's, stores its ``argparse.Namespace`` of
 training arguments under ``args``; unpickling a Namespace only sets attributes. Exactly those types are
 added to torch's allowlist; anything else a checkpoint tries to unpickle (arbitrary classes or callables)
 is still refused by ``torch.load``.
 """
 import argparse
+import pickle
 
 import numpy as np
 import torch
@@ -22,7 +24,18 @@ def _numpy_globals():
     return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtype_classes]
 
 
-MMENGINE_CHECKPOINT_GLOBALS = [HistoryBuffer, *_numpy_globals()]
+HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')
+
+
+def history_buffer_getattr(obj, name):
+    """Stands in for ``builtins.getattr`` while unpickling: only ``HistoryBuffer``'s statistics methods."""
+    if obj is HistoryBuffer and name in HISTORY_BUFFER_STATISTICS:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f'Checkpoint asks for attribute {name!r} of {obj!r}; safe loading only allows '
+                                 f'HistoryBuffer.{{{", ".join(HISTORY_BUFFER_STATISTICS)}}}')
+
+
+MMENGINE_CHECKPOINT_GLOBALS = [HistoryBuffer, (history_buffer_getattr, 'builtins.getattr'), *_numpy_globals()]
 # Given with its explicit name: torch's ``safe_globals`` context manager (timm's checkpoint loader uses one
 # for Namespace) removes a bare class from the allowlist on exit, even one allowed before; this entry stays.
 TRAINING_ARGS_GLOBALS = [(argparse.Namespace, 'argparse.Namespace')]

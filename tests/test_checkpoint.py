@@ -94,3 +94,30 @@ def test_extract_state_dict_unwraps_and_strips_ddp_prefix():
     assert list(extract_state_dict(ema, use_ema=True)) == ['b']
     with pytest.raises(KeyError, match='No EMA'):
         extract_state_dict({'model': {}}, use_ema=True)
+
+
+class AttributeLookup:
+    """Pickles as ``getattr(owner, name)``, as mmengine's HistoryBuffer pickles its statistics methods."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_safe_loading_resolves_only_history_buffer_statistics():
+    import io
+    import pickle
+
+    from mmengine.logging.history_buffer import HistoryBuffer
+    buffer = io.BytesIO()
+    torch.save({'min': AttributeLookup(HistoryBuffer, 'min'), 'log': HistoryBuffer([1.0, 3.0])}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)  # weights_only=True, the default
+    assert loaded['min'] is HistoryBuffer.min and loaded['log'].max() == 3.0
+    buffer = io.BytesIO()
+    torch.save({'x': AttributeLookup(HistoryBuffer, '__init__')}, buffer)
+    buffer.seek(0)
+    with pytest.raises(pickle.UnpicklingError, match=r"attribute '__init__'.*only allows HistoryBuffer"):
+        torch.load(buffer)
