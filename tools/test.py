@@ -6,7 +6,7 @@ import argparse
 import os.path as osp
 
 from mmsecvit.apis import build_runner_from_args, load_config
-from mmsecvit.apis.runner import add_common_args
+from mmsecvit.apis.runner import add_common_args, finish_distributed
 
 
 def parse_args(argv=None):
@@ -61,6 +61,7 @@ def main(argv=None):
         add_result_dump(cfg, args)
     runner = build_runner_from_args(cfg, args)
     metrics = runner.test()
+    finish_distributed()
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return metrics
 

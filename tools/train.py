@@ -5,7 +5,7 @@
 import argparse
 
 from mmsecvit.apis import build_runner_from_args, load_config
-from mmsecvit.apis.runner import add_common_args, check_pretrained
+from mmsecvit.apis.runner import add_common_args, finish_distributed, check_pretrained
 
 
 def parse_args(argv=None):
@@ -41,6 +41,7 @@ def main(argv=None):
         cfg.resume, cfg.load_from = True, args.resume
     runner = build_runner_from_args(cfg, args)
     runner.train()
+    finish_distributed()
 
 
 if __name__ == '__main__':

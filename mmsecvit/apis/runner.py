@@ -59,8 +59,8 @@ def check_data_roots(cfg):
         for root, ann_file in _dataset_roots(cfg[loader]['dataset']):
             if root and not osp.isdir(root):
                 raise FileNotFoundError(
-                    f'{loader}: data_root {root!r} does not exist. Put the dataset there (see README, '
-                    f"'Data layout') or pass --cfg-options {loader}.dataset.data_root=/path/to/data")
+                    f'{loader}: data_root {root!r} does not exist. Put the dataset there (layouts: docs/detection.md, '
+                    f'docs/segmentation.md) or pass --cfg-options {loader}.dataset.data_root=/path/to/data')
             ann_path = ann_file if osp.isabs(ann_file) else osp.join(root or '', ann_file)
             if ann_file and osp.splitext(ann_file)[1] and not osp.isfile(ann_path):
                 raise FileNotFoundError(f'{loader}: annotation file {ann_path!r} does not exist')
@@ -90,6 +90,14 @@ def setup_cpu_distributed(cfg):
     cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
     cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
                                  find_unused_parameters=cfg.get('find_unused_parameters', False))
+
+
+def finish_distributed():
+    """Tear the process group down before exit (gloo processes exiting with it alive can abort)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def build_runner_from_args(cfg, args):
