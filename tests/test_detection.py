@@ -91,7 +91,7 @@ def test_train_resume_test_and_safe_loading(demo_root, tmp_path):
     assert two['meta']['epoch'] == 2 and two['meta']['iter'] == 2 * one['meta']['iter']
     steps = [state['step'] for state in two['optimizer']['state'].values()]
     assert all(int(step) == two['meta']['iter'] for step in steps)
-    assert two['param_schedulers'][0]['last_epoch'] > one['param_schedulers'][0]['last_epoch']
+    assert two['param_schedulers'][-1]['last_step'] == 2 > one['param_schedulers'][-1]['last_step'] == 1
     assert 'coco/bbox_mAP' in second.stdout + second.stderr
 
     # tools/test.py evaluates the saved checkpoint, dumps results and draws predictions.
@@ -129,7 +129,7 @@ def test_two_process_training_on_cpu(demo_root, tmp_path):
                       cwd=tmp_path, env={'PYTHON': sys.executable, 'PORT': '29517'})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (work_dir / 'epoch_1.pth').is_file()
-    assert 'Distributed training is enabled' in result.stdout + result.stderr or 'world_size: 2' in result.stdout
+    assert 'Distributed training: True' in result.stdout + result.stderr
 
 
 def test_errors_say_what_to_fix(tmp_path):
