@@ -112,7 +112,7 @@ def test_safe_loading_resolves_only_history_buffer_statistics():
 
     from mmengine.logging.history_buffer import HistoryBuffer
     buffer = io.BytesIO()
-    torch.save({'min': AttributeLookup(HistoryBuffer, 'min'), 'log': HistoryBuffer([1.0, 3.0])}, buffer)
+    torch.save({'min': AttributeLookup(HistoryBuffer, 'min'), 'log': HistoryBuffer([1.0, 3.0], [1, 1])}, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer)  # weights_only=True, the default
     assert loaded['min'] is HistoryBuffer.min and loaded['log'].max() == 3.0
