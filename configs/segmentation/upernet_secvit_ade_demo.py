@@ -12,7 +12,7 @@ norm_cfg = dict(type='BN', requires_grad=True)  # one process on the CPU: no Syn
 model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(
-        # Two blocks fewer than SecViT-T per stage and half its widths: 1.9M parameters.
+        # Two blocks fewer than SecViT-T per stage and half its widths: 1.5M parameters.
         arch=dict(_delete_=True, embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
         drop_path_rate=0.0,
         init_cfg=None),
