@@ -161,3 +161,8 @@ def test_demo_set_is_coco_and_deterministic(tmp_path):
     instances = [i for d in dataset for i in d['instances']]
     assert len(dataset) == 3 and len(instances) == counts['val']
     assert all(len(i['mask'][0]) >= 6 and i['bbox'][2] > i['bbox'][0] for i in instances)
+
+
+def test_amp_without_gpu_says_so(tmp_path):
+    result = run_tool([sys.executable, str(REPO / 'tools' / 'train.py'), str(DEMO_CONFIG), '--amp'], cwd=tmp_path)
+    assert result.returncode != 0 and '--amp needs a GPU' in result.stderr and 'Train without --amp' in result.stderr

@@ -4,6 +4,8 @@
 """
 import argparse
 
+import torch
+
 from mmsecvit.apis import build_runner_from_args, load_config
 from mmsecvit.apis.runner import add_common_args, finish_distributed, check_pretrained
 
@@ -13,7 +15,7 @@ def parse_args(argv=None):
     parser.add_argument('config', help='train config file')
     parser.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
                         help='resume from CHECKPOINT, or from the latest checkpoint in the work dir if none given')
-    parser.add_argument('--amp', action='store_true', help='automatic mixed precision (bf16 on CPU, fp16 on GPU)')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision (fp16 with dynamic loss scaling; needs a GPU)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate by the actual batch size over auto_scale_lr.base_batch_size')
     add_common_args(parser)
@@ -22,6 +24,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.amp and not torch.cuda.is_available():
+        raise SystemExit('--amp needs a GPU: mmengine\'s AmpOptimWrapper runs on CUDA (or NPU/MLU/MUSA) devices '
+                         'only. Train without --amp on the CPU.')
     cfg = load_config(args.config, args.cfg_options)
     check_pretrained(cfg)
     if args.amp:
