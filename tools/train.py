@@ -15,7 +15,8 @@ def parse_args(argv=None):
     parser.add_argument('config', help='train config file')
     parser.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
                         help='resume from CHECKPOINT, or from the latest checkpoint in the work dir if none given')
-    parser.add_argument('--amp', action='store_true', help='automatic mixed precision (fp16 with dynamic loss scaling; needs a GPU)')
+    parser.add_argument('--amp', action='store_true',
+                        help='automatic mixed precision (fp16 with dynamic loss scaling; needs a GPU)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate by the actual batch size over auto_scale_lr.base_batch_size')
     add_common_args(parser)
