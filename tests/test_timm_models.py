@@ -8,7 +8,7 @@ import timm
 import torch
 from mmdet.registry import MODELS
 
-from mmsecvit.models import SecViT, SecViTClassifier
+from mmsecvit.models import SecViTClassifier
 from test_backbone import OFFICIAL_PARAMS, num_params, official_model, randomize_norms
 from test_convert_checkpoint import (convert_checkpoint, official_training_checkpoint,  # noqa: F401
                                      single_torch_thread)

@@ -27,7 +27,6 @@ from mmengine.registry import MODELS
 from PIL import Image
 
 from mmsecvit.models import SecViT, load_backbone_checkpoint
-from mmsecvit.models.classifier import init_weights_quietly
 from mmsecvit.models.secvit import ARCH_SETTINGS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -97,7 +96,7 @@ def load_weights(backbone, checkpoint=None):
     if checkpoint:
         load_backbone_checkpoint(backbone, checkpoint)
         return checkpoint
-    init_weights_quietly(backbone)
+    backbone.init_weights()
     init_cfg = backbone.init_cfg or {}
     return init_cfg.get('checkpoint') if init_cfg.get('type') == 'Pretrained' else None
 

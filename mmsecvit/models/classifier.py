@@ -4,11 +4,9 @@
 ``reset_classifier``, ``feature_info``, ``forward_intermediates``...) without importing timm; the timm
 registrations in :mod:`mmsecvit.timm_models` build exactly this class.
 """
-import logging
 from collections import OrderedDict
 
 import torch.nn as nn
-from mmengine.logging import MMLogger
 
 from .checkpoint_utils import CLASSIFIER_HEAD_PREFIX, convert_official_state_dict, is_official_layout
 from .secvit import SecViT, resolve_arch
@@ -46,18 +44,6 @@ class SecViTClassifierHead(nn.Module):
 def build_classifier(in_features, num_classes):
     """Linear layer to ``num_classes``, or identity for ``num_classes == 0``."""
     return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
-
-
-def init_weights_quietly(module):
-    """``module.init_weights()`` without mmengine's per-parameter INFO report, which is meant for runner logs
-    and would print thousands of lines wherever a classifier is built outside a runner (e.g. in timm)."""
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        module.init_weights()
-    finally:
-        logger.setLevel(level)
 
 
 def resolve_feature_indices(num_stages, indices):
@@ -101,7 +87,7 @@ class SecViTClassifier(nn.Module):
         super().__init__()
         num_stages = len(resolve_arch(arch)['depths'])
         self.backbone = SecViT(arch=arch, out_indices=tuple(range(num_stages)), out_norm_cfg=None, **backbone_kwargs)
-        init_weights_quietly(self.backbone)
+        self.backbone.init_weights()
         self.num_classes = num_classes
         self.num_features = self.backbone.embed_dims[-1]
         self.head_hidden_size = head_dims
