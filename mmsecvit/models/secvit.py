@@ -18,6 +18,7 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint_utils import load_backbone_checkpoint
+from .depthwise_conv import depthwise_nhwc
 from .sec_attention import apply_rope, cluster_assignment, cluster_length, rope_angles, rope_tables, sec_attention
 
 # Variants of the official classification models. Every released variant uses 32, 8, 2 clusters in
@@ -74,20 +75,6 @@ def per_stage(value, num_stages, name):
     if len(value) != num_stages:
         raise ValueError(f'{name} needs one entry per stage ({num_stages}), got {value}')
     return value
-
-
-def depthwise_nhwc(conv, x, residual=False):
-    """Apply a depthwise nn.Conv2d to a (B, H, W, C) tensor through its channels-last NCHW view.
-
-    With ``residual``, returns ``x + conv(x)`` in one convolution by adding 1 to the kernel's centre tap.
-    """
-    weight = conv.weight
-    if residual:
-        identity = torch.zeros_like(weight)
-        identity[:, :, weight.shape[2] // 2, weight.shape[3] // 2] = 1
-        weight = weight + identity
-    out = F.conv2d(x.permute(0, 3, 1, 2), weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return out.permute(0, 2, 3, 1)
 
 
 class SECAttention(nn.Module):

@@ -1,0 +1,99 @@
+"""Depthwise convolution on (B, H, W, C) tensors, with a faster CPU backward.
+
+On the CPU, PyTorch's depthwise convolution backward (oneDNN) takes about ten times as long as the
+forward for the input gradient, and a 5x5 kernel's weight gradient is slower still. Both have cheap
+equivalents: the input gradient of a stride-1 "same" depthwise convolution is the same convolution
+with the kernel flipped, and a k x k weight gradient is assembled from 3x3 weight gradients (the fast
+oneDNN case) of shifted windows of the padded input.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def _weight_grad_3x3(x, grad, channels, padding):
+    """Weight gradient of a 3x3 depthwise convolution (``x`` and ``grad`` NCHW, any layout)."""
+    return torch.ops.aten.convolution_backward(
+        grad, x, x.new_empty(channels, 1, 3, 3), None, [1, 1], [padding, padding], [1, 1], False, [0, 0],
+        channels, [False, True, False])[1]
+
+
+def depthwise_weight_grad(x, grad, kernel_size):
+    """Gradient of a stride-1, zero-padded ("same") depthwise convolution's weight.
+
+    Args:
+        x (Tensor): Convolution input, (B, C, H, W).
+        grad (Tensor): Gradient of the output, (B, C, H, W).
+        kernel_size (int): Odd kernel size k.
+
+    Returns:
+        Tensor: (C, 1, k, k).
+    """
+    channels = x.shape[1]
+    if kernel_size == 3:
+        return _weight_grad_3x3(x, grad, channels, 1)
+    pad = kernel_size // 2
+    padded = F.pad(x, (pad, pad, pad, pad)).contiguous(memory_format=torch.channels_last)
+    height, width = x.shape[2:]
+    weight = x.new_empty(channels, 1, kernel_size, kernel_size)
+    # 3x3 windows whose union is the k x k kernel (overlapping taps are computed twice, identically).
+    starts = sorted(set(range(0, kernel_size - 2, 3)) | {kernel_size - 3})
+    for row in starts:
+        for col in starts:
+            window = padded[:, :, row:row + height + 2, col:col + width + 2]
+            weight[:, :, row:row + 3, col:col + 3] = _weight_grad_3x3(window, grad, channels, 0)
+    return weight
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """Stride-1 "same" depthwise convolution whose backward uses :func:`depthwise_weight_grad` and a
+    flipped-kernel convolution for the input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, 1, weight.shape[-1] // 2, 1, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        channels, kernel_size = weight.shape[0], weight.shape[-1]
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, weight.flip(2, 3), None, 1, kernel_size // 2, 1, channels)
+        if ctx.needs_input_grad[1]:
+            grad_weight = depthwise_weight_grad(x, grad, kernel_size)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias
+
+
+def _use_fast_backward(conv, x, weight):
+    """The custom backward covers CPU float32/float64 "same" stride-1 depthwise convolutions with odd
+    square kernels, outside autocast, when a gradient is recorded."""
+    kernel_size = conv.kernel_size[0]
+    return (x.device.type == 'cpu' and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and not torch.is_autocast_enabled('cpu') and x.dtype in (torch.float32, torch.float64)
+            and kernel_size % 2 == 1 and conv.kernel_size == (kernel_size, kernel_size)
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding == (kernel_size // 2,) * 2
+            and conv.groups == conv.in_channels == conv.out_channels)
+
+
+def depthwise_nhwc(conv, x, residual=False):
+    """Apply a stride-1 "same" depthwise nn.Conv2d to a (B, H, W, C) tensor through its channels-last
+    NCHW view; returns (B, H, W, C).
+
+    With ``residual``, returns ``x + conv(x)`` in one convolution by adding 1 to the kernel's centre tap.
+    """
+    weight = conv.weight
+    if residual:
+        identity = torch.zeros_like(weight)
+        identity[:, :, weight.shape[2] // 2, weight.shape[3] // 2] = 1
+        weight = weight + identity
+    x = x.permute(0, 3, 1, 2)
+    if _use_fast_backward(conv, x, weight):
+        out = _DepthwiseConv.apply(x, weight, conv.bias)
+    else:
+        out = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return out.permute(0, 2, 3, 1)
