@@ -1,3 +1,4 @@
+import importlib
 import math
 
 import pytest
@@ -7,6 +8,9 @@ from mmsecvit.models import SecViT, SecViTClassifier, convert_official_state_dic
 from mmsecvit.models.secvit import ARCH_SETTINGS, SECAttention, resolve_arch
 from mmsecvit.models.sec_attention import cluster_length, rope_angles, rope_tables
 from official_reference import OfficialSecViT, reference_cluster_attention, reference_rope
+
+# The module, not the function of the same name that mmsecvit.models exports.
+sec_attention_module = importlib.import_module('mmsecvit.models.sec_attention')
 
 OFFICIAL_PARAMS = {'tiny': 14_981_800, 'small': 26_776_104, 'base': 54_682_776, 'large': 96_495_096}
 
@@ -212,9 +216,12 @@ def test_default_init_matches_official():
         assert layer.bias.abs().max() == 0
 
 
+@pytest.mark.parametrize('chunked', [True, False], ids=['chunked', 'fused'])
 @pytest.mark.parametrize('height, width, cluster_size', [(9, 13, 20), (12, 12, 16), (6, 5, -1)])
-def test_fast_path_matches_reference_in_float32(height, width, cluster_size):
-    # fp32 tolerance of the fast path (packed rows, fused attention, complex RoPE) against the plain loops.
+def test_fast_path_matches_reference_in_float32(height, width, cluster_size, chunked, monkeypatch):
+    # fp32 tolerance of the fast path (packed rows, chunked CPU or fused attention, complex RoPE) against
+    # the plain loops.
+    monkeypatch.setattr(sec_attention_module, 'use_chunked_attention', lambda packed, cluster_len: chunked)
     attn = SECAttention(64, 2, cluster_size=cluster_size)
     x = torch.randn(2, height, width, 64, requires_grad=True)
     out = attn(x, rope_tables(height, width, rope_angles(32), key_scale=32 ** -0.5))

@@ -50,21 +50,16 @@ def semantic_order(packed):
     """Rank each head's tokens by the cosine similarity of their key to the mean key (ascending).
 
     Args:
-        packed (Tensor): Packed q, k, v of shape (B, N, heads, 3, head_dim), contiguous.
+        packed (Tensor): Packed q, k, v of shape (B, N, heads, 3, head_dim).
 
     Returns:
         Tensor: Token indices of shape (B, heads, N).
     """
-    batch, num_tokens, heads, _, head_dim = packed.shape
     k = packed[:, :, :, 1]
     centre = F.normalize(k.mean(dim=1), dim=-1)  # (B, heads, d)
-    # All heads' dot products in one matmul over the packed token rows: a (heads * 3 * d, heads) matrix
-    # holding each head's centre at that head's key channels and zeros elsewhere.
-    blocks = packed.new_zeros(batch, heads, 3, head_dim, heads)
-    blocks[:, :, 1] = centre[..., None] * torch.eye(heads, dtype=packed.dtype, device=packed.device)[:, None, :]
-    dots = packed.view(batch, num_tokens, -1) @ blocks.view(batch, -1, heads)
-    cosine = dots / torch.linalg.vector_norm(k, dim=-1).clamp_min(1e-12)
-    return cosine.transpose(1, 2).contiguous().argsort(dim=-1)
+    dots = torch.einsum('bnhd,bhd->bhn', k, centre)
+    norms = torch.linalg.vector_norm(k, dim=-1).transpose(1, 2)
+    return (dots / norms.clamp_min(1e-12)).argsort(dim=-1)
 
 
 def cluster_assignment(packed, cluster_len):
@@ -127,13 +122,79 @@ def attend(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, scale=1.0)
 
 
-def sec_attention(packed, cluster_len):
+# Scores held at once by the chunked CPU attention (float32: 1 MiB, about L2-cache sized).
+CHUNK_SCORES = 2 ** 18
+# Longer clusters (e.g. global attention) go to the fused kernel, which is faster there.
+MAX_CHUNKED_CLUSTER = 256
+
+
+def _chunks(parts):
+    """Yield (first row, clusters, cluster length) pieces of ``parts`` sized to hold ~CHUNK_SCORES scores."""
+    for start, count, length in parts:
+        step = max(1, CHUNK_SCORES // (length * length))
+        for first in range(0, count, step):
+            num = min(step, count - first)
+            yield start + first * length, num, length
+
+
+def _cluster_qkv(slots, first, num, length):
+    """q, k, v views (num, length, head_dim) of consecutive clusters in ``slots`` (rows, 3, head_dim)."""
+    return slots[first:first + num * length].view(num, length, 3, -1).unbind(2)
+
+
+class _ClusterAttention(torch.autograd.Function):
+    """Attention inside consecutive clusters of packed rows, a cache-sized chunk of clusters at a time.
+
+    The backward recomputes each chunk's probabilities instead of storing them (they would take
+    ``length`` times the memory of the input), as the fused kernels do.
+    """
+
+    @staticmethod
+    def forward(ctx, slots, parts):
+        out = slots.new_empty(slots.shape[0], slots.shape[2])
+        for first, num, length in _chunks(parts):
+            q, k, v = _cluster_qkv(slots, first, num, length)
+            probs = torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1)
+            torch.bmm(probs, v, out=out[first:first + num * length].view(num, length, -1))
+        ctx.save_for_backward(slots)
+        ctx.parts = parts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (slots,) = ctx.saved_tensors
+        grad = torch.empty_like(slots)
+        for first, num, length in _chunks(ctx.parts):
+            q, k, v = _cluster_qkv(slots, first, num, length)
+            grad_q, grad_k, grad_v = _cluster_qkv(grad, first, num, length)
+            grad_o = grad_out[first:first + num * length].view(num, length, -1)
+            probs = torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1)
+            grad_v.copy_(torch.bmm(probs.transpose(1, 2), grad_o))
+            grad_scores = torch._softmax_backward_data(torch.bmm(grad_o, v.transpose(1, 2)), probs, -1, probs.dtype)
+            grad_q.copy_(torch.bmm(grad_scores, k))
+            grad_k.copy_(torch.bmm(grad_scores.transpose(1, 2), q))
+        return grad, None
+
+
+def use_chunked_attention(packed, cluster_len):
+    """The chunked attention is the faster one on the CPU for float32/float64 clusters of up to
+    MAX_CHUNKED_CLUSTER tokens; elsewhere (GPU, autocast, long clusters) the fused kernel is. Traced
+    graphs (FLOP counting, export) use the fused kernel."""
+    return (packed.device.type == 'cpu' and packed.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled('cpu') and cluster_len <= MAX_CHUNKED_CLUSTER
+            and not torch.jit.is_tracing())
+
+
+def sec_attention(packed, cluster_len, chunked=None):
     """SEC attention on packed q, k, v.
 
     Args:
         packed (Tensor): Shape (B, N, heads, 3, head_dim): q and k with rotary embedding, k scaled by
             ``head_dim ** -0.5``, and v.
         cluster_len (int): Tokens per cluster; ``>= N`` means global attention.
+        chunked (bool | None): Run the clusters through the chunked attention (True) or PyTorch's fused
+            kernel (False); None picks the faster for the device (:func:`use_chunked_attention`). Global
+            attention always uses the fused kernel.
 
     Returns:
         Tensor: Shape (B, N, heads * head_dim), in the original token order.
@@ -143,6 +204,8 @@ def sec_attention(packed, cluster_len):
         q, k, v = (packed[:, :, :, i].transpose(1, 2) for i in range(3))
         return attend(q, k, v).transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
 
+    if chunked is None:
+        chunked = use_chunked_attention(packed, cluster_len)
     num_full = num_tokens // cluster_len
     split = num_full * cluster_len
     groups = batch * heads
@@ -150,11 +213,14 @@ def sec_attention(packed, cluster_len):
     inverse = torch.empty_like(sources).scatter_(0, sources, torch.arange(len(sources), device=sources.device))
     slots = _PermuteRows.apply(packed.reshape(-1, 3 * head_dim), sources, inverse).view(-1, 3, head_dim)
 
-    full = slots[:groups * split].view(groups, num_full, cluster_len, 3, head_dim)
-    out = attend(*full.unbind(3)).reshape(-1, head_dim)
+    parts = [(0, groups * num_full, cluster_len)]
     if split < num_tokens:
-        rest = slots[groups * split:].view(groups, 1, num_tokens - split, 3, head_dim)
-        out = torch.cat([out, attend(*rest.unbind(3)).reshape(-1, head_dim)])
+        parts.append((groups * split, groups, num_tokens - split))
+    if chunked:
+        out = _ClusterAttention.apply(slots, parts)
+    else:
+        out = torch.cat([attend(*_cluster_qkv(slots, first, num, length)).reshape(-1, head_dim)
+                         for first, num, length in parts])
     return _PermuteRows.apply(out, inverse, sources).view(batch, num_tokens, heads * head_dim)
 
 

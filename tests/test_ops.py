@@ -1,0 +1,76 @@
+"""The CPU kernels behind the backbone: depthwise convolution backward and chunked cluster attention,
+each against PyTorch's own implementation."""
+import importlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmsecvit.models.depthwise_conv import depthwise_nhwc, depthwise_weight_grad
+
+sec_attention_module = importlib.import_module('mmsecvit.models.sec_attention')
+
+
+def reference_depthwise(conv, x, residual):
+    weight = conv.weight
+    if residual:
+        centre = conv.kernel_size[0] // 2
+        weight = weight + F.pad(torch.ones_like(weight[:, :, :1, :1]), (centre, centre, centre, centre))
+    return F.conv2d(x.permute(0, 3, 1, 2), weight, conv.bias, 1, conv.padding, 1, conv.groups).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize('kernel_size', [3, 5, 7])
+@pytest.mark.parametrize('residual', [False, True])
+def test_depthwise_gradients_match_pytorch(kernel_size, residual):
+    conv = nn.Conv2d(6, 6, kernel_size, padding=kernel_size // 2, groups=6).double()
+    x = torch.randn(2, 9, 11, 6, dtype=torch.double, requires_grad=True)
+    out = depthwise_nhwc(conv, x, residual)
+    assert 'DepthwiseConv' in type(out.grad_fn.next_functions[0][0]).__name__  # the custom backward ran
+    expected = reference_depthwise(conv, x, residual)
+    torch.testing.assert_close(out, expected)
+    # A gradient in another memory layout than the output's.
+    grad = torch.randn(2, 11, 9, 6, dtype=torch.double).transpose(1, 2)
+    params = [x, conv.weight, conv.bias]
+    for a, b in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_depthwise_weight_grad_float32_tolerance():
+    x = torch.randn(1, 64, 37, 53).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(1, 64, 37, 53).contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.grad.conv2d_weight(x.double(), (64, 1, 5, 5), grad.double(), padding=2, groups=64)
+    assert (depthwise_weight_grad(x, grad, 5).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_depthwise_falls_back_outside_its_case():
+    # Strided convolutions and inference use PyTorch's convolution unchanged.
+    strided = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4)
+    x = torch.randn(1, 8, 8, 4, requires_grad=True)
+    out = depthwise_nhwc(strided, x)
+    assert out.shape == (1, 4, 4, 4) and 'DepthwiseConv' not in type(out.grad_fn.next_functions[0][0]).__name__
+    with torch.no_grad():
+        torch.testing.assert_close(depthwise_nhwc(strided, x), strided(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize('batch, tokens, heads, cluster_len', [(2, 1000, 4, 98), (1, 999, 3, 100), (2, 50, 2, 7)])
+def test_chunked_attention_equals_fused_kernel(batch, tokens, heads, cluster_len, monkeypatch):
+    # A small chunk so that the clusters are processed in several chunks, the shorter last cluster included.
+    monkeypatch.setattr(sec_attention_module, 'CHUNK_SCORES', 3 * cluster_len * cluster_len)
+    packed = torch.randn(batch, tokens, heads, 3, 32, requires_grad=True)
+    grad = torch.randn(batch, tokens, heads * 32)
+    results = []
+    for chunked in (True, False):
+        out = sec_attention_module.sec_attention(packed, cluster_len, chunked=chunked)
+        results.append((out, *torch.autograd.grad(out, packed, grad)))
+    for a, b in zip(*results):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_chunked_attention_is_the_cpu_default_for_short_clusters():
+    packed = torch.randn(1, 300, 2, 3, 32)
+    assert sec_attention_module.use_chunked_attention(packed, 98)
+    assert not sec_attention_module.use_chunked_attention(packed, sec_attention_module.MAX_CHUNKED_CLUSTER + 1)
+    assert not sec_attention_module.use_chunked_attention(packed.bfloat16(), 98)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not sec_attention_module.use_chunked_attention(packed, 98)
