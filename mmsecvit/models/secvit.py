@@ -137,11 +137,64 @@ class ConvFFN(nn.Module):
         self.dwconv = nn.Conv2d(hidden_dims, hidden_dims, 3, padding=1, groups=hidden_dims)
         self.fc2 = nn.Linear(hidden_dims, embed_dims)
 
-    def forward(self, x):
+    def hidden(self, x):
+        """fc1, GELU and the residual depthwise conv: the input of fc2."""
         x = self.fc1(x)
         # Without autograd, GELU overwrites fc1's output instead of allocating another (N, hidden) tensor.
         x = F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
-        return self.fc2(depthwise_nhwc(self.dwconv, x, residual=True))
+        return depthwise_nhwc(self.dwconv, x, residual=True)
+
+    def forward(self, x):
+        return self.fc2(self.hidden(x))
+
+
+def autocast_state(device_type):
+    return dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
+                dtype=torch.get_autocast_dtype(device_type))
+
+
+class _RecomputedNormFFN(torch.autograd.Function):
+    """``ffn(norm(x))`` that stores only ``x`` for backward.
+
+    The backward recomputes the FFN up to fc2's input and differentiates fc2 by hand; generic
+    checkpointing would rerun fc2 as well, a quarter of the block's matmul work, for nothing.
+    Inputs after ``ffn`` are the parameters, in :meth:`params` order, so that they receive gradients.
+    """
+
+    @staticmethod
+    def params(norm, ffn):
+        return (norm.weight, norm.bias, ffn.fc1.weight, ffn.fc1.bias, ffn.dwconv.weight, ffn.dwconv.bias,
+                ffn.fc2.weight, ffn.fc2.bias)
+
+    @staticmethod
+    def forward(ctx, x, norm, ffn, *params):
+        ctx.save_for_backward(x)
+        ctx.norm, ctx.ffn = norm, ffn
+        ctx.autocast = autocast_state(x.device.type)
+        return ffn(norm(x))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        needs_grad = ctx.needs_input_grad
+        inputs = [x.detach().requires_grad_(needs_grad[0]), *_RecomputedNormFFN.params(ctx.norm, ctx.ffn)[:6]]
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
+            hidden = ctx.ffn.hidden(ctx.norm(inputs[0]))
+        fc2 = ctx.ffn.fc2
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1]).to(hidden.dtype)
+        grad_fc2_weight = grad_fc2_bias = None
+        if needs_grad[-2]:
+            grad_fc2_weight = (grad_rows.t() @ hidden.reshape(-1, hidden.shape[-1])).to(fc2.weight.dtype)
+        if needs_grad[-1]:
+            grad_fc2_bias = grad_rows.sum(0).to(fc2.bias.dtype)
+        # Gradients of x and of the parameters before fc2 (input positions 0 and 3..8).
+        wanted = [i for i, needed in enumerate([needs_grad[0], *needs_grad[3:9]]) if needed]
+        grads = [None] * len(inputs)
+        if wanted:
+            grad_hidden = (grad_rows @ fc2.weight.to(hidden.dtype)).view_as(hidden)
+            for i, grad in zip(wanted, torch.autograd.grad(hidden, [inputs[i] for i in wanted], grad_hidden)):
+                grads[i] = grad
+        return grads[0], None, None, *grads[1:], grad_fc2_weight, grad_fc2_bias
 
 
 class SecViTBlock(nn.Module):
@@ -178,14 +231,12 @@ class SecViTBlock(nn.Module):
         x = depthwise_nhwc(self.cpe, x, residual=True)
         attn = self.attn(self.norm1(x), rope)
         x = x + self.drop_path(attn if self.gamma1 is None else self.gamma1 * attn)
-        if self.recompute_ffn and x.requires_grad:
-            ffn = cp.checkpoint(self.norm_ffn, x, use_reentrant=False)
+        params = _RecomputedNormFFN.params(self.norm2, self.ffn)
+        if self.recompute_ffn and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
+            ffn = _RecomputedNormFFN.apply(x, self.norm2, self.ffn, *params)
         else:
-            ffn = self.norm_ffn(x)
+            ffn = self.ffn(self.norm2(x))
         return x + self.drop_path(ffn if self.gamma2 is None else self.gamma2 * ffn)
-
-    def norm_ffn(self, x):
-        return self.ffn(self.norm2(x))
 
 
 class SecViTStage(BaseModule):
