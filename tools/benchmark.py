@@ -5,7 +5,7 @@ forward + backward time (train mode, loss = sum of output means) and the peak me
 backward, then the SecViT/Swin ratios and how time scales from 800x1344 to 1600x2688.
 
     python tools/benchmark.py                                   # CPU, all models and sizes (~20 min on 2 cores)
-    python tools/benchmark.py --models secvit_s swin_t --sizes 800x1344 --repeats 5
+    python tools/benchmark.py --models secvit_s swin_t --sizes 800x1344 --repeats 5 --rounds 3
 
 Each measurement runs in its own process. On the CPU, peak memory is measured in a process of its
 own in which glibc hands every freed block of 64 KiB or more back to the kernel
@@ -42,6 +42,9 @@ def parse_args(argv=None):
                         help=f'secvit_{{t,s,b,l}} and swin_{{t,s}}; default {" ".join(MODELS)}')
     parser.add_argument('--sizes', nargs='+', default=list(SIZES), help='HxW input sizes')
     parser.add_argument('--repeats', type=int, default=0, help='timed runs (default: 5 below 800x1344, else 3)')
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='time every model this many times, alternating between models, and report the '
+                             'median over rounds (steadier ratios on a machine whose speed drifts)')
     parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch CPU threads')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--cluster-size', type=int, default=98, help='SecViT tokens per cluster')
@@ -148,15 +151,33 @@ def run_child(args, model, size, no_backward, measure='all', malloc=None):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_in_children(args, model, size, no_backward):
+def measure_in_children(args, model, size, no_backward, measure):
     """One process on a GPU; on the CPU one for memory (freed blocks returned) and one for times."""
-    result = dict(model=model, size=size, device=args.device, threads=args.threads)
     if args.device != 'cpu':
-        return {**result, **run_child(args, model, size, no_backward)}
-    if not no_backward:
-        result.update(run_child(args, model, size, no_backward, 'memory', RETURNING_MALLOC))
-    timing_malloc = TUNED_MALLOC if args.allocator == 'tuned' else None
-    return {**result, **run_child(args, model, size, no_backward, 'time', timing_malloc)}
+        return run_child(args, model, size, no_backward, measure)
+    if measure == 'memory':
+        return run_child(args, model, size, no_backward, 'memory', RETURNING_MALLOC)
+    return run_child(args, model, size, no_backward, 'time', TUNED_MALLOC if args.allocator == 'tuned' else None)
+
+
+def measure_size(args, size, models, no_backward):
+    """Peak memory once, then ``args.rounds`` timings of every model in turn; times are medians over rounds."""
+    results = {model: dict(model=model, size=size, device=args.device, threads=args.threads) for model in models}
+    if args.device == 'cpu':
+        for model in models:
+            if not no_backward[model]:
+                results[model].update(measure_in_children(args, model, size, no_backward[model], 'memory'))
+    rounds = {model: [] for model in models}
+    for _ in range(args.rounds):
+        for model in models:
+            measure = 'time' if args.device == 'cpu' else 'all'
+            rounds[model].append(measure_in_children(args, model, size, no_backward[model], measure))
+    for model in models:
+        for key in ('fwd_s', 'fwd_bwd_s', 'peak_mib'):
+            values = [r[key] for r in rounds[model] if key in r]
+            if values:
+                results[model][key] = statistics.median(values)
+    return results
 
 
 def fmt(value, digits=3):
@@ -212,15 +233,17 @@ def main(argv=None):
           f'SecViT cluster_size {args.cluster_size}', flush=True)
     results = {}
     for size in sizes:
+        no_backward = {}
         for model in args.models:
-            no_backward = args.no_backward
+            no_backward[model] = args.no_backward
             previous = results.get((model, '800x1344'))
             if size == '1600x2688' and previous and 'peak_mib' in previous and args.device == 'cpu':
                 needed = 4.5 * previous['peak_mib']
                 if needed > 0.9 * available_mib():
                     print(f'{model} {size}: forward+backward skipped, needs about {needed:.0f} MiB', flush=True)
-                    no_backward = True
-            results[(model, size)] = result = measure_in_children(args, model, size, no_backward)
+                    no_backward[model] = True
+        for model, result in measure_size(args, size, args.models, no_backward).items():
+            results[(model, size)] = result
             print(f"{model:9s} {size:>9s}  forward {fmt(result['fwd_s'])} s  forward+backward "
                   f"{fmt(result.get('fwd_bwd_s'))} s  peak {fmt(result.get('peak_mib'), 0)} MiB", flush=True)
     print()
