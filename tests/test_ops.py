@@ -57,7 +57,9 @@ def test_depthwise_falls_back_outside_its_case():
 def test_chunked_attention_equals_fused_kernel(batch, tokens, heads, cluster_len, monkeypatch):
     # A small chunk so that the clusters are processed in several chunks, the shorter last cluster included.
     monkeypatch.setattr(sec_attention_module, 'CHUNK_SCORES', 3 * cluster_len * cluster_len)
-    packed = torch.randn(batch, tokens, heads, 3, 32, requires_grad=True)
+    packed = torch.randn(batch, tokens, heads, 3, 32)
+    packed[:, :, :, 1] *= 32 ** -0.5  # keys carry the softmax scale, as in the model
+    packed.requires_grad_()
     grad = torch.randn(batch, tokens, heads * 32)
     results = []
     for chunked in (True, False):

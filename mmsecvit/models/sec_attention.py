@@ -219,8 +219,9 @@ def sec_attention(packed, cluster_len, chunked=None):
     if chunked:
         out = _ClusterAttention.apply(slots, parts)
     else:
-        out = torch.cat([attend(*_cluster_qkv(slots, first, num, length)).reshape(-1, head_dim)
-                         for first, num, length in parts])
+        # 4-D (image-head, cluster, token, channel) batches, the layout the GPU's fused kernels take.
+        batches = ([t.unflatten(0, (groups, -1)) for t in _cluster_qkv(slots, *part)] for part in parts)
+        out = torch.cat([attend(q, k, v).reshape(-1, head_dim) for q, k, v in batches])
     return _PermuteRows.apply(out, inverse, sources).view(batch, num_tokens, heads * head_dim)
 
 
