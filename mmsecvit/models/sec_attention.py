@@ -10,8 +10,10 @@ only real tokens, so nothing is padded, no padded token shifts the centre and no
 Layout used for speed: q, k and v of one (token, head) pair are stored as one row of ``3 * head_dim``
 values (a "packed" tensor of shape (B, N, heads, 3, head_dim)). Sorting every head's tokens into
 cluster order is then a single row permutation (``index_select`` of contiguous rows, whose gradient is
-the inverse permutation), the clusters are a 4-D batch for the fused attention kernel, and the inverse
-permutation writes the result straight back in (B, N, heads * head_dim) order.
+the inverse permutation), the clusters are consecutive runs of rows, and the inverse permutation writes
+the result straight back in (B, N, heads * head_dim) order. On the CPU the clusters go through a chunked
+batched-matmul attention (:class:`_ClusterAttention`); on a GPU, under autocast and for global attention,
+through PyTorch's fused attention kernel as a 4-D batch.
 """
 import math
 from typing import NamedTuple
