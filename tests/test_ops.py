@@ -1,5 +1,5 @@
-"""The CPU kernels behind the backbone: depthwise convolution backward and chunked cluster attention,
-each against PyTorch's own implementation."""
+"""The CPU kernels behind the backbone (depthwise convolution backward, chunked cluster attention, the
+1x1-convolution form of the projections), each against PyTorch's own implementation."""
 import importlib
 
 import pytest
@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmsecvit.models.depthwise_conv import depthwise_nhwc, depthwise_weight_grad
+from mmsecvit.models.secvit import linear_nhwc
 
 sec_attention_module = importlib.import_module('mmsecvit.models.sec_attention')
 
@@ -76,3 +77,15 @@ def test_chunked_attention_is_the_cpu_default_for_short_clusters():
     assert not sec_attention_module.use_chunked_attention(packed.bfloat16(), 98)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert not sec_attention_module.use_chunked_attention(packed, 98)
+
+
+def test_linear_nhwc_inference_path_equals_linear():
+    x = torch.randn(2, 40, 33, 48)  # 1320 positions: the 1x1-convolution path
+    weight, bias = torch.randn(96, 48) * 0.1, torch.randn(96)
+    with torch.no_grad():
+        out = linear_nhwc(x, weight, bias)
+    assert out.shape == (2, 40, 33, 96) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    small = torch.randn(1, 8, 8, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_nhwc(small, weight, bias), F.linear(small, weight, bias))

@@ -36,6 +36,7 @@ ARCH_SETTINGS = {
 ARCH_ALIASES = {'t': 'tiny', 's': 'small', 'b': 'base', 'l': 'large'}
 OFFICIAL_NUM_CLUSTERS = (32, 8, 2, -1)
 MIN_INPUT_SIZE = 32
+POINTWISE_CONV_MIN_TOKENS = 1024  # see linear_nhwc
 
 
 def resolve_arch(arch):
@@ -77,6 +78,21 @@ def per_stage(value, num_stages, name):
     return value
 
 
+def linear_nhwc(x, weight, bias):
+    """``F.linear`` on a (B, H, W, C) tensor.
+
+    For float32 inference on the CPU with at least ``POINTWISE_CONV_MIN_TOKENS`` positions it runs as a
+    1x1 convolution of the channels-last NCHW view: oneDNN's 1x1 convolution with its fused bias was 5-11%
+    faster than the matmul plus bias copy of ``F.linear`` for this model's shapes at detection resolution
+    (and no faster on small maps, or with backward). Elsewhere, and in traced graphs (FLOP counting), it is
+    ``F.linear``.
+    """
+    if (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and x.shape[1] * x.shape[2] >= POINTWISE_CONV_MIN_TOKENS and not torch.jit.is_tracing()):
+        return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1).contiguous()
+    return F.linear(x, weight, bias)
+
+
 class SECAttention(nn.Module):
     """SEC attention with 2-D rotary position embedding on q and k and a 5x5 LePE on v.
 
@@ -112,7 +128,7 @@ class SECAttention(nn.Module):
         batch, height, width, channels = x.shape
         weight = self.qkv.weight.view(3, self.num_heads, self.head_dim, channels).transpose(0, 1)
         bias = self.qkv.bias.view(3, self.num_heads, self.head_dim).transpose(0, 1)
-        packed = F.linear(x, weight.reshape(3 * channels, channels), bias.reshape(3 * channels))
+        packed = linear_nhwc(x, weight.reshape(3 * channels, channels), bias.reshape(3 * channels))
         return apply_rope(packed.view(batch, height * width, self.num_heads, 3, self.head_dim), rope)
 
     def cluster_ids(self, x, rope):
@@ -125,7 +141,7 @@ class SECAttention(nn.Module):
         packed = self.project(x, rope)
         lepe = depthwise_nhwc(self.lepe, packed[:, :, :, 2].reshape(x.shape))
         out = sec_attention(packed, self.cluster_length(packed.shape[1])).view_as(x)
-        return self.proj(out + lepe)
+        return linear_nhwc(out + lepe, self.proj.weight, self.proj.bias)
 
 
 class ConvFFN(nn.Module):
@@ -139,13 +155,13 @@ class ConvFFN(nn.Module):
 
     def hidden(self, x):
         """fc1, GELU and the residual depthwise conv: the input of fc2."""
-        x = self.fc1(x)
+        x = linear_nhwc(x, self.fc1.weight, self.fc1.bias)
         # Without autograd, GELU overwrites fc1's output instead of allocating another (N, hidden) tensor.
         x = F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
         return depthwise_nhwc(self.dwconv, x, residual=True)
 
     def forward(self, x):
-        return self.fc2(self.hidden(x))
+        return linear_nhwc(self.hidden(x), self.fc2.weight, self.fc2.bias)
 
 
 def autocast_state(device_type):
