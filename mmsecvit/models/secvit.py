@@ -165,6 +165,7 @@ class ConvFFN(nn.Module):
 
 
 def autocast_state(device_type):
+    """Keyword arguments of ``torch.autocast`` that re-enter the current autocast state of ``device_type``."""
     return dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
                 dtype=torch.get_autocast_dtype(device_type))
 
@@ -173,7 +174,7 @@ class _RecomputedNormFFN(torch.autograd.Function):
     """``ffn(norm(x))`` that stores only ``x`` for backward.
 
     The backward recomputes the FFN up to fc2's input and differentiates fc2 by hand; generic
-    checkpointing would rerun fc2 as well, a quarter of the block's matmul work, for nothing.
+    checkpointing would rerun fc2 as well, three tenths of the block's matmul work, for nothing.
     Inputs after ``ffn`` are the parameters, in :meth:`params` order, so that they receive gradients.
     """
 
