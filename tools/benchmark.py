@@ -152,9 +152,11 @@ def run_child(args, model, size, no_backward, measure='all', malloc=None):
 
 
 def measure_in_children(args, model, size, no_backward, measure):
-    """One process on a GPU; on the CPU one for memory (freed blocks returned) and one for times."""
+    """One child process measuring ``measure`` ('memory' or 'time'). On the CPU the memory child runs with
+    glibc returning freed blocks and the timing child with the chosen allocator; on a GPU a timing child
+    also reports peak memory."""
     if args.device != 'cpu':
-        return run_child(args, model, size, no_backward, measure)
+        return run_child(args, model, size, no_backward, 'all' if measure == 'time' else measure)
     if measure == 'memory':
         return run_child(args, model, size, no_backward, 'memory', RETURNING_MALLOC)
     return run_child(args, model, size, no_backward, 'time', TUNED_MALLOC if args.allocator == 'tuned' else None)
@@ -170,8 +172,7 @@ def measure_size(args, size, models, no_backward):
     rounds = {model: [] for model in models}
     for _ in range(args.rounds):
         for model in models:
-            measure = 'time' if args.device == 'cpu' else 'all'
-            rounds[model].append(measure_in_children(args, model, size, no_backward[model], measure))
+            rounds[model].append(measure_in_children(args, model, size, no_backward[model], 'time'))
     for model in models:
         for key in ('fwd_s', 'fwd_bwd_s', 'peak_mib'):
             values = [r[key] for r in rounds[model] if key in r]
