@@ -1,6 +1,6 @@
 """Depthwise convolution on (B, H, W, C) tensors, with a faster CPU backward.
 
-On the CPU, PyTorch's depthwise convolution backward (oneDNN) takes about ten times as long as the
+On the CPU, PyTorch's depthwise convolution backward (oneDNN) takes about eight times as long as the
 forward for the input gradient, and a 5x5 kernel's weight gradient is slower still. Both have cheap
 equivalents: the input gradient of a stride-1 "same" depthwise convolution is the same convolution
 with the kernel flipped, and a k x k weight gradient is assembled from 3x3 weight gradients (the fast

@@ -144,6 +144,11 @@ def _cluster_qkv(slots, first, num, length):
     return slots[first:first + num * length].view(num, length, 3, -1).unbind(2)
 
 
+def _cluster_probs(q, k):
+    """Softmax attention probabilities of a chunk of clusters (``k`` carries the scale)."""
+    return torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1)
+
+
 class _ClusterAttention(torch.autograd.Function):
     """Attention inside consecutive clusters of packed rows, a cache-sized chunk of clusters at a time.
 
@@ -156,7 +161,7 @@ class _ClusterAttention(torch.autograd.Function):
         out = slots.new_empty(slots.shape[0], slots.shape[2])
         for first, num, length in _chunks(parts):
             q, k, v = _cluster_qkv(slots, first, num, length)
-            probs = torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1)
+            probs = _cluster_probs(q, k)
             torch.bmm(probs, v, out=out[first:first + num * length].view(num, length, -1))
         ctx.save_for_backward(slots)
         ctx.parts = parts
@@ -170,7 +175,7 @@ class _ClusterAttention(torch.autograd.Function):
             q, k, v = _cluster_qkv(slots, first, num, length)
             grad_q, grad_k, grad_v = _cluster_qkv(grad, first, num, length)
             grad_o = grad_out[first:first + num * length].view(num, length, -1)
-            probs = torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1)
+            probs = _cluster_probs(q, k)
             grad_v.copy_(torch.bmm(probs.transpose(1, 2), grad_o))
             grad_scores = torch._softmax_backward_data(torch.bmm(grad_o, v.transpose(1, 2)), probs, -1, probs.dtype)
             grad_q.copy_(torch.bmm(grad_scores, k))

@@ -81,11 +81,11 @@ def per_stage(value, num_stages, name):
 def linear_nhwc(x, weight, bias):
     """``F.linear`` on a (B, H, W, C) tensor.
 
-    For float32 inference on the CPU with at least ``POINTWISE_CONV_MIN_TOKENS`` positions it runs as a
-    1x1 convolution of the channels-last NCHW view: oneDNN's 1x1 convolution with its fused bias was 5-11%
-    faster than the matmul plus bias copy of ``F.linear`` for this model's shapes at detection resolution
-    (and no faster on small maps, or with backward). Elsewhere, and in traced graphs (FLOP counting), it is
-    ``F.linear``.
+    When no gradient is recorded (inference, and the forward of ``_RecomputedNormFFN``), on float32 CPU
+    maps of at least ``POINTWISE_CONV_MIN_TOKENS`` positions, it runs as a 1x1 convolution of the
+    channels-last NCHW view: oneDNN's 1x1 convolution with its fused bias was 5-11% faster than the matmul
+    plus bias copy of ``F.linear`` for this model's shapes at detection resolution (and no faster on small
+    maps, or with backward). Elsewhere, and in traced graphs (FLOP counting), it is ``F.linear``.
     """
     if (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
             and x.shape[1] * x.shape[2] >= POINTWISE_CONV_MIN_TOKENS and not torch.jit.is_tracing()):
