@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmsecvit.models.depthwise_conv import depthwise_nhwc, depthwise_weight_grad
+from mmsecvit import SecViT
 from mmsecvit.models.secvit import linear_nhwc
 
 sec_attention_module = importlib.import_module('mmsecvit.models.sec_attention')
@@ -89,3 +90,37 @@ def test_linear_nhwc_inference_path_equals_linear():
     small = torch.randn(1, 8, 8, 48)
     with torch.no_grad():
         torch.testing.assert_close(linear_nhwc(small, weight, bias), F.linear(small, weight, bias))
+
+
+def test_inference_reuses_derived_weights_until_parameters_change():
+    model, other = SecViT('tiny', cluster_size=16).eval(), SecViT('tiny', cluster_size=16).eval()
+    x = torch.randn(1, 3, 64, 64)
+    attn, cpe = model.stages[0].blocks[0].attn, model.stages[0].blocks[0].cpe
+    with torch.no_grad():
+        before = model(x)
+        kept = [attn.qkv._reused_without_grad['per_head'][1][0], cpe._reused_without_grad['residual'][1]]
+        model(x)
+        assert kept == [attn.qkv._reused_without_grad['per_head'][1][0], cpe._reused_without_grad['residual'][1]]
+        # load_state_dict and in-place updates (as an optimizer step makes) are both picked up.
+        model.load_state_dict(other.state_dict())
+        loaded, expected = model(x), other(x)
+        for param in (*model.parameters(), *other.parameters()):
+            param.mul_(1.5)
+        updated, expected_updated = model(x), other(x)
+    for a, b, c, d, e in zip(before, loaded, expected, updated, expected_updated):
+        assert not torch.allclose(a, b)
+        torch.testing.assert_close(b, c)
+        torch.testing.assert_close(d, e)
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 5000), (1, 2, 70000)])
+def test_radix_ranking_equals_argsort(shape):
+    assert shape[-1] >= sec_attention_module.RADIX_SORT_MIN_TOKENS  # the integer-key path
+    scores = torch.randn(shape)
+    scores[..., :300] = 0.0  # ties, and signed zeros
+    scores[..., 300:400] = -0.0
+    scores[..., 400:500] *= 1e-40  # subnormals of both signs
+    scores[..., 500], scores[..., 501] = float('inf'), float('-inf')
+    order = sec_attention_module.argsort_rows(scores)
+    torch.testing.assert_close(scores.gather(-1, order), scores.sort(dim=-1).values, rtol=0, atol=0)
+    assert torch.equal(order.sort(dim=-1).values, torch.arange(shape[-1]).expand(shape))

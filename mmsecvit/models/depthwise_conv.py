@@ -9,6 +9,8 @@ oneDNN case) of shifted windows of the padded input.
 import torch
 import torch.nn.functional as F
 
+from .reuse import reuse_without_grad
+
 
 def _weight_grad_3x3(x, grad, channels, padding):
     """Weight gradient of a 3x3 depthwise convolution (``x`` and ``grad`` NCHW, any layout)."""
@@ -80,17 +82,20 @@ def _use_fast_backward(conv, x, weight):
             and conv.groups == conv.in_channels == conv.out_channels)
 
 
+def _add_identity(weight):
+    """Depthwise kernel plus the identity (1 at the centre tap): ``conv(x) + x`` as one convolution."""
+    identity = torch.zeros_like(weight)
+    identity[:, :, weight.shape[2] // 2, weight.shape[3] // 2] = 1
+    return weight + identity
+
+
 def depthwise_nhwc(conv, x, residual=False):
     """Apply a stride-1 "same" depthwise nn.Conv2d to a (B, H, W, C) tensor through its channels-last
     NCHW view; returns (B, H, W, C).
 
     With ``residual``, returns ``x + conv(x)`` in one convolution by adding 1 to the kernel's centre tap.
     """
-    weight = conv.weight
-    if residual:
-        identity = torch.zeros_like(weight)
-        identity[:, :, weight.shape[2] // 2, weight.shape[3] // 2] = 1
-        weight = weight + identity
+    weight = reuse_without_grad(conv, 'residual', _add_identity, conv.weight) if residual else conv.weight
     x = x.permute(0, 3, 1, 2)
     if _use_fast_backward(conv, x, weight):
         out = _DepthwiseConv.apply(x, weight, conv.bias)

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint_utils import load_backbone_checkpoint
 from .depthwise_conv import depthwise_nhwc
+from .reuse import reuse_without_grad
 from .sec_attention import apply_rope, cluster_assignment, cluster_length, rope_angles, rope_tables, sec_attention
 
 # Variants of the official classification models. Every released variant uses 32, 8, 2 clusters in
@@ -122,14 +123,20 @@ class SECAttention(nn.Module):
         """x: (B, H, W, C). Returns q, k, v packed as (B, N, heads, 3, head_dim), with the rotary embedding
         on q and k and the softmax scale on k.
 
-        The qkv rows are regrouped per head at call time (the parameter keeps the official layout), so
-        the projection writes every (token, head) row of q, k and v contiguously.
+        The qkv rows are regrouped per head (:meth:`per_head_qkv`; the parameter keeps the official layout),
+        so the projection writes every (token, head) row of q, k and v contiguously.
         """
-        batch, height, width, channels = x.shape
-        weight = self.qkv.weight.view(3, self.num_heads, self.head_dim, channels).transpose(0, 1)
-        bias = self.qkv.bias.view(3, self.num_heads, self.head_dim).transpose(0, 1)
-        packed = linear_nhwc(x, weight.reshape(3 * channels, channels), bias.reshape(3 * channels))
+        batch, height, width, _ = x.shape
+        weight, bias = reuse_without_grad(self.qkv, 'per_head', self.per_head_qkv, self.qkv.weight, self.qkv.bias)
+        packed = linear_nhwc(x, weight, bias)
         return apply_rope(packed.view(batch, height * width, self.num_heads, 3, self.head_dim), rope)
+
+    def per_head_qkv(self, weight, bias):
+        """qkv weight and bias with rows ordered (head, q/k/v, channel) instead of (q/k/v, head, channel)."""
+        channels = weight.shape[1]
+        weight = weight.view(3, self.num_heads, self.head_dim, channels).transpose(0, 1)
+        bias = bias.view(3, self.num_heads, self.head_dim).transpose(0, 1)
+        return weight.reshape(3 * channels, channels), bias.reshape(3 * channels)
 
     def cluster_ids(self, x, rope):
         """Cluster index of every position per head, shape (B, heads, H, W), for inspection."""
