@@ -4,8 +4,9 @@ protection off.
 
 mmengine's checkpoints hold, beside tensors, its ``HistoryBuffer`` log objects and numpy arrays and
 scalars; each buffer pickles its statistics methods as ``getattr(HistoryBuffer, 'min')`` and so on. The
-real ``getattr`` is not allowed: a stand-in registered under its name resolves exactly those methods. The official (DeiT-style) training script, like timm's, stores its ``argparse.Namespace`` of
-training arguments under ``args``; unpickling a Namespace only sets attributes. Exactly those types are
+real ``getattr`` is not allowed: a stand-in registered under its name resolves exactly those methods.
+The official (DeiT-style) training script, like timm's, stores its ``argparse.Namespace`` of training
+arguments under ``args``; unpickling a Namespace only sets attributes. Exactly those types are
 added to torch's allowlist; anything else a checkpoint tries to unpickle (arbitrary classes or callables)
 is still refused by ``torch.load``.
 """

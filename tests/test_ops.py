@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmsecvit.models.depthwise_conv import depthwise_nhwc, depthwise_weight_grad
 from mmsecvit import SecViT
+from mmsecvit.models.depthwise_conv import depthwise_nhwc, depthwise_weight_grad
 from mmsecvit.models.secvit import linear_nhwc
 
 sec_attention_module = importlib.import_module('mmsecvit.models.sec_attention')
