@@ -1,5 +1,5 @@
-"""The CPU kernels behind the backbone (depthwise convolution backward, chunked cluster attention, the
-1x1-convolution form of the projections), each against PyTorch's own implementation."""
+"""The CPU kernels behind the backbone (depthwise convolution backward, the compiled and the chunked cluster
+attention, the 1x1-convolution form of the projections), each against PyTorch's own implementation."""
 import importlib
 
 import pytest
@@ -55,29 +55,71 @@ def test_depthwise_falls_back_outside_its_case():
         torch.testing.assert_close(depthwise_nhwc(strided, x), strided(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-@pytest.mark.parametrize('batch, tokens, heads, cluster_len', [(2, 1000, 4, 98), (1, 999, 3, 100), (2, 50, 2, 7)])
-def test_chunked_attention_equals_fused_kernel(batch, tokens, heads, cluster_len, monkeypatch):
-    # A small chunk so that the clusters are processed in several chunks, the shorter last cluster included.
+def cpu_has_avx512():
+    with open('/proc/cpuinfo') as cpuinfo:
+        flags = next((line.split() for line in cpuinfo if line.startswith('flags')), [])
+    return 'avx512f' in flags and 'avx512dq' in flags
+
+
+needs_kernel = pytest.mark.skipif(not sec_attention_module.kernel_available(),
+                                  reason='the compiled kernel needs an x86-64 CPU with AVX-512')
+
+
+def test_kernel_is_built_where_the_cpu_supports_it():
+    # setup builds mmsecvit._kernels; on a CPU with AVX-512 it must be there and usable.
+    if cpu_has_avx512():
+        assert sec_attention_module._kernels is not None, 'mmsecvit._kernels is not built: rerun make setup'
+        assert sec_attention_module.kernel_available()
+
+
+@pytest.mark.parametrize('impl', ['kernel', 'chunked'])
+@pytest.mark.parametrize('batch, tokens, heads, head_dim, cluster_len',
+                         [(2, 1000, 4, 32, 98), (1, 999, 3, 32, 100), (2, 50, 2, 16, 7), (1, 300, 2, 16, 256),
+                          (1, 17, 1, 32, 1)])
+def test_cluster_attention_equals_fused_kernel(impl, batch, tokens, heads, head_dim, cluster_len, monkeypatch):
+    if impl == 'kernel' and not sec_attention_module.kernel_available():
+        pytest.skip('the compiled kernel needs an x86-64 CPU with AVX-512')
+    # A small chunk so that the chunked path runs several chunks, the shorter last cluster included.
     monkeypatch.setattr(sec_attention_module, 'CHUNK_SCORES', 3 * cluster_len * cluster_len)
-    packed = torch.randn(batch, tokens, heads, 3, 32)
-    packed[:, :, :, 1] *= 32 ** -0.5  # keys carry the softmax scale, as in the model
+    packed = torch.randn(batch, tokens, heads, 3, head_dim)
+    packed[:, :, :, 1] *= head_dim ** -0.5  # keys carry the softmax scale, as in the model
     packed.requires_grad_()
-    grad = torch.randn(batch, tokens, heads * 32)
+    grad = torch.randn(batch, tokens, heads * head_dim)
     results = []
-    for chunked in (True, False):
-        out = sec_attention_module.sec_attention(packed, cluster_len, chunked=chunked)
+    for name in (impl, 'fused'):
+        out = sec_attention_module.sec_attention(packed, cluster_len, impl=name)
         results.append((out, *torch.autograd.grad(out, packed, grad)))
     for a, b in zip(*results):
         assert (a - b).abs().max() <= 1e-5
 
 
-def test_chunked_attention_is_the_cpu_default_for_short_clusters():
+@needs_kernel
+def test_kernel_checks_its_inputs():
+    rows, sources = torch.randn(20, 96), torch.randperm(20)
+    torch.testing.assert_close(sec_attention_module._kernels.forward(rows, sources, [0, 2, 10]).shape,
+                               torch.Size([20, 32]))
+    with pytest.raises(RuntimeError, match='head_dim 16 or 32'):
+        sec_attention_module._kernels.forward(torch.randn(20, 48 * 3), sources, [0, 2, 10])
+    with pytest.raises(RuntimeError, match='contiguous'):
+        sec_attention_module._kernels.forward(torch.randn(96, 20).t(), sources, [0, 2, 10])
+    with pytest.raises(RuntimeError, match='cluster length'):
+        sec_attention_module._kernels.forward(torch.randn(300, 96), torch.randperm(300), [0, 1, 300])
+    with pytest.raises(RuntimeError, match='past the rows'):
+        sec_attention_module._kernels.forward(rows, sources, [0, 3, 10])
+    with pytest.raises(ValueError, match='choose one of'):
+        sec_attention_module.sec_attention(torch.randn(1, 20, 2, 3, 32), 10, impl='flash')
+
+
+def test_attention_impl_picks_the_fastest_for_the_input():
     packed = torch.randn(1, 300, 2, 3, 32)
-    assert sec_attention_module.use_chunked_attention(packed, 98)
-    assert not sec_attention_module.use_chunked_attention(packed, sec_attention_module.MAX_CHUNKED_CLUSTER + 1)
-    assert not sec_attention_module.use_chunked_attention(packed.bfloat16(), 98)
+    impl = sec_attention_module.attention_impl
+    assert impl(packed, 98) == ('kernel' if sec_attention_module.kernel_available() else 'chunked')
+    assert impl(packed.double(), 98) == 'chunked'
+    assert impl(torch.randn(1, 300, 1, 3, 64), 98) == 'chunked'  # head_dim the kernel does not cover
+    assert impl(packed, sec_attention_module.MAX_CHUNKED_CLUSTER + 1) == 'fused'
+    assert impl(packed.bfloat16(), 98) == 'fused'
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not sec_attention_module.use_chunked_attention(packed, 98)
+        assert impl(packed, 98) == 'fused'
 
 
 def test_linear_nhwc_inference_path_equals_linear():

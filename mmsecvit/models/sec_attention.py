@@ -8,18 +8,37 @@ When the token count is not a multiple of the cluster length, the last cluster i
 only real tokens, so nothing is padded, no padded token shifts the centre and none is attended to.
 
 Layout used for speed: q, k and v of one (token, head) pair are stored as one row of ``3 * head_dim``
-values (a "packed" tensor of shape (B, N, heads, 3, head_dim)). Sorting every head's tokens into
-cluster order is then a single row permutation (``index_select`` of contiguous rows, whose gradient is
-the inverse permutation), the clusters are consecutive runs of rows, and the inverse permutation writes
-the result straight back in (B, N, heads * head_dim) order. On the CPU the clusters go through a chunked
-batched-matmul attention (:class:`_ClusterAttention`); on a GPU, under autocast and for global attention,
-through PyTorch's fused attention kernel as a 4-D batch.
+values (a "packed" tensor of shape (B, N, heads, 3, head_dim)). Every head's tokens in cluster order are
+then a list of row indices, and each cluster a consecutive run of that list.
+
+Three implementations of the attention inside clusters (:func:`attention_impl` picks one):
+
+- ``'kernel'``: the compiled CPU kernel (``mmsecvit/csrc/cluster_attention.cpp``, float32, AVX-512). It
+  reads each cluster's rows through the index list and writes every result row straight to its place in
+  (B, N, heads * head_dim) order, so no permuted copy is made.
+- ``'chunked'``: the rows permuted into cluster order (``index_select`` of contiguous rows, whose gradient is
+  the inverse permutation), batched matrix products over cache-sized chunks of clusters
+  (:class:`_ClusterAttention`), and the inverse permutation back.
+- ``'fused'``: the same permutations around PyTorch's fused attention over a 4-D batch (GPU, autocast,
+  and global attention).
 """
 import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+try:  # built by setup.py where a compiler and torch are present; optional
+    from mmsecvit import _kernels
+except ImportError:
+    _kernels = None
+
+IMPLEMENTATIONS = ('kernel', 'chunked', 'fused')
+
+
+def kernel_available():
+    """Whether the compiled cluster-attention kernel is built and this CPU can run it (AVX-512)."""
+    return _kernels is not None and _kernels.supported()
 
 
 def cluster_length(num_tokens, num_clusters=-1, cluster_size=-1):
@@ -152,7 +171,8 @@ def attend(q, k, v):
 
 # Scores held at once by the chunked CPU attention (float32: 1 MiB, about L2-cache sized).
 CHUNK_SCORES = 2 ** 18
-# Longer clusters (e.g. global attention) go to the fused kernel, which is faster there.
+# Longer clusters (e.g. global attention) go to the fused kernel, which is faster there; also the compiled
+# kernel's limit (kMaxCluster in mmsecvit/csrc/cluster_attention.cpp).
 MAX_CHUNKED_CLUSTER = 256
 
 
@@ -209,25 +229,47 @@ class _ClusterAttention(torch.autograd.Function):
         return grad, None
 
 
-def use_chunked_attention(packed, cluster_len):
-    """The chunked attention is the faster one on the CPU for float32/float64 clusters of up to
-    MAX_CHUNKED_CLUSTER tokens; elsewhere (GPU, autocast, long clusters) the fused kernel is. Traced
-    graphs (FLOP counting, export) use the fused kernel."""
-    return (packed.device.type == 'cpu' and packed.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled('cpu') and cluster_len <= MAX_CHUNKED_CLUSTER
-            and not torch.jit.is_tracing())
+class _KernelClusterAttention(torch.autograd.Function):
+    """The compiled kernel: attention inside the clusters listed by ``sources``, straight from and to packed
+    rows in token order. Backward recomputes each cluster's probabilities, as :class:`_ClusterAttention` does."""
+
+    @staticmethod
+    def forward(ctx, rows, sources, parts):
+        ctx.save_for_backward(rows, sources)
+        ctx.parts = parts
+        return _kernels.forward(rows, sources, parts)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, sources = ctx.saved_tensors
+        return _kernels.backward(rows, sources, ctx.parts, grad_out.contiguous()), None, None
 
 
-def sec_attention(packed, cluster_len, chunked=None):
+def attention_impl(packed, cluster_len):
+    """The fastest implementation for these clusters.
+
+    On the CPU, float32 clusters of up to MAX_CHUNKED_CLUSTER tokens outside autocast go to the compiled
+    kernel when it is available and head_dim is 16 or 32, otherwise to the chunked attention (float64
+    too); everything else (GPU, autocast, long clusters, traced graphs for FLOP counting and export) to
+    PyTorch's fused kernel.
+    """
+    if (packed.device.type != 'cpu' or torch.is_autocast_enabled('cpu') or cluster_len > MAX_CHUNKED_CLUSTER
+            or torch.jit.is_tracing()):
+        return 'fused'
+    if packed.dtype == torch.float32 and packed.shape[-1] in (16, 32) and kernel_available():
+        return 'kernel'
+    return 'chunked' if packed.dtype in (torch.float32, torch.float64) else 'fused'
+
+
+def sec_attention(packed, cluster_len, impl=None):
     """SEC attention on packed q, k, v.
 
     Args:
         packed (Tensor): Shape (B, N, heads, 3, head_dim): q and k with rotary embedding, k scaled by
             ``head_dim ** -0.5``, and v.
         cluster_len (int): Tokens per cluster; ``>= N`` means global attention.
-        chunked (bool | None): Run the clusters through the chunked attention (True) or PyTorch's fused
-            kernel (False); None picks the faster for the device (:func:`use_chunked_attention`). Global
-            attention always uses the fused kernel.
+        impl (str | None): ``'kernel'``, ``'chunked'`` or ``'fused'`` (see the module docstring); None picks
+            the fastest for the input (:func:`attention_impl`). Global attention always uses the fused kernel.
 
     Returns:
         Tensor: Shape (B, N, heads * head_dim), in the original token order.
@@ -237,19 +279,27 @@ def sec_attention(packed, cluster_len, chunked=None):
         q, k, v = (packed[:, :, :, i].transpose(1, 2) for i in range(3))
         return attend(q, k, v).transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
 
-    if chunked is None:
-        chunked = use_chunked_attention(packed, cluster_len)
+    impl = attention_impl(packed, cluster_len) if impl is None else impl
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f'Unknown SEC attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}')
+    if impl == 'kernel' and not kernel_available():
+        raise RuntimeError('The compiled cluster-attention kernel is not available (mmsecvit._kernels is not '
+                           'built, or this CPU lacks AVX-512); use impl="chunked" or "fused"')
     num_full = num_tokens // cluster_len
     split = num_full * cluster_len
     groups = batch * heads
     sources = cluster_slot_sources(semantic_order(packed), split)
-    inverse = torch.empty_like(sources).scatter_(0, sources, torch.arange(len(sources), device=sources.device))
-    slots = _PermuteRows.apply(packed.reshape(-1, 3 * head_dim), sources, inverse).view(-1, 3, head_dim)
-
     parts = [(0, groups * num_full, cluster_len)]
     if split < num_tokens:
         parts.append((groups * split, groups, num_tokens - split))
-    if chunked:
+    if impl == 'kernel':
+        rows = packed.reshape(-1, 3 * head_dim).contiguous()
+        out = _KernelClusterAttention.apply(rows, sources, [value for part in parts for value in part])
+        return out.view(batch, num_tokens, heads * head_dim)
+
+    inverse = torch.empty_like(sources).scatter_(0, sources, torch.arange(len(sources), device=sources.device))
+    slots = _PermuteRows.apply(packed.reshape(-1, 3 * head_dim), sources, inverse).view(-1, 3, head_dim)
+    if impl == 'chunked':
         out = _ClusterAttention.apply(slots, parts)
     else:
         # 4-D (image-head, cluster, token, channel) batches, the layout the GPU's fused kernels take.

@@ -1,0 +1,354 @@
+// Fused SEC cluster attention for the CPU (float32, AVX-512).
+//
+// The tokens of every cluster are gathered straight from the packed q/k/v rows through the cluster order,
+// the cluster's scores, softmax and weighted sum stay in per-thread buffers of cache size, and every result
+// row is written straight to its place in the original token order. This replaces the permutation of all
+// rows into cluster order, the batched matrix products and softmax over chunks of clusters, and the
+// permutation back: one pass over memory instead of about six, and no intermediate tensors.
+//
+// Layout: `rows` is (R, 3 * D), one row per (image, token, head) holding q, k (carrying the softmax scale)
+// and v. `sources` lists the rows of each cluster one cluster after another; `parts` is a flat list of
+// (first slot, cluster count, cluster length) triples. The output of the forward is (R, D); the backward
+// returns the gradient of `rows`. Each row belongs to exactly one cluster, so clusters run in parallel
+// without any two threads writing the same row.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MMSECVIT_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kMaxCluster = 256;  // longer clusters (global attention) are left to PyTorch's fused kernel
+
+#ifdef MMSECVIT_AVX512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,fma")
+
+// exp(x) for x <= 0: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and p the degree-7 Taylor polynomial
+// (relative error below 2e-7); results under float's normal range flush towards zero like expf.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// out[r][j] = a[r] . bt[:, j] for 3 rows and NJ vectors of 16 columns; bt is (D, ld) (a transposed matrix).
+template <int D, int NJ>
+inline void row_products_tile(const float* const* a, int rows, const float* bt, int ld, float* out) {
+  __m512 acc[3][NJ];
+  for (int r = 0; r < 3; ++r)
+    for (int t = 0; t < NJ; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int c = 0; c < D; ++c) {
+    __m512 b[NJ];
+    for (int t = 0; t < NJ; ++t) b[t] = _mm512_loadu_ps(bt + c * ld + t * 16);
+    for (int r = 0; r < 3; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r][c]);
+      for (int t = 0; t < NJ; ++t) acc[r][t] = _mm512_fmadd_ps(x, b[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int t = 0; t < NJ; ++t) _mm512_storeu_ps(out + r * ld + t * 16, acc[r][t]);
+}
+
+// out (L, ld) = A B^T, where row i of A is a[i] (D values) and bt = B^T is (D, ld), ld = L rounded up to 16.
+template <int D>
+void row_products(const float* const* a, int length, const float* bt, int ld, float* out) {
+  const int vectors = ld / 16;
+  for (int i = 0; i < length; i += 3) {
+    const float* tile_rows[3];
+    const int rows = std::min(3, length - i);
+    for (int r = 0; r < 3; ++r) tile_rows[r] = a[i + std::min(r, rows - 1)];
+    for (int j = 0; j < vectors; j += 7) {
+      float* dst = out + i * ld + j * 16;
+      switch (std::min(7, vectors - j)) {
+        case 7: row_products_tile<D, 7>(tile_rows, rows, bt + j * 16, ld, dst); break;
+        case 6: row_products_tile<D, 6>(tile_rows, rows, bt + j * 16, ld, dst); break;
+        case 5: row_products_tile<D, 5>(tile_rows, rows, bt + j * 16, ld, dst); break;
+        case 4: row_products_tile<D, 4>(tile_rows, rows, bt + j * 16, ld, dst); break;
+        case 3: row_products_tile<D, 3>(tile_rows, rows, bt + j * 16, ld, dst); break;
+        case 2: row_products_tile<D, 2>(tile_rows, rows, bt + j * 16, ld, dst); break;
+        default: row_products_tile<D, 1>(tile_rows, rows, bt + j * 16, ld, dst); break;
+      }
+    }
+  }
+}
+
+// For NR rows r: out rows (at out + idx[r] * out_stride) = scale[r] * sum_j p(r, j) v[j], where p(r, j) is
+// p[r * row_step + j * col_step] (col_step = 1 for P V, row_step = 1 for P^T V); v is (length, D).
+template <int D, int NR>
+inline void weighted_sum_tile(const float* p, int row_step, int col_step, const float* v, int length,
+                              const int64_t* idx, const float* scale, float* out, int64_t out_stride) {
+  constexpr int NV = D / 16;
+  __m512 acc[NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int j = 0; j < length; ++j) {
+    __m512 b[NV];
+    for (int t = 0; t < NV; ++t) b[t] = _mm512_loadu_ps(v + j * D + t * 16);
+    const float* pj = p + j * col_step;
+    for (int r = 0; r < NR; ++r) {
+      const __m512 x = _mm512_set1_ps(pj[r * row_step]);
+      for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_fmadd_ps(x, b[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    float* dst = out + idx[r] * out_stride;
+    const __m512 s = _mm512_set1_ps(scale ? scale[r] : 1.0f);
+    for (int t = 0; t < NV; ++t) _mm512_storeu_ps(dst + t * 16, _mm512_mul_ps(acc[r][t], s));
+  }
+}
+
+// Row i of P V (times scale[i]) to out + idx[i] * out_stride, for the (length, ld) matrix p, or for its
+// transpose when `transposed`.
+template <int D>
+void weighted_sums(const float* p, int ld, bool transposed, const float* v, int length, const int64_t* idx,
+                   const float* scale, float* out, int64_t out_stride) {
+  const int row_step = transposed ? 1 : ld, col_step = transposed ? ld : 1;
+  int i = 0;
+  for (; i + 8 <= length; i += 8)
+    weighted_sum_tile<D, 8>(p + i * row_step, row_step, col_step, v, length, idx + i, scale ? scale + i : nullptr,
+                            out, out_stride);
+  for (; i + 4 <= length; i += 4)
+    weighted_sum_tile<D, 4>(p + i * row_step, row_step, col_step, v, length, idx + i, scale ? scale + i : nullptr,
+                            out, out_stride);
+  for (; i < length; ++i)
+    weighted_sum_tile<D, 1>(p + i * row_step, row_step, col_step, v, length, idx + i, scale ? scale + i : nullptr,
+                            out, out_stride);
+}
+
+// Rows of s (length, ld) become exp(s - row max), zero past `length`; returns 1 / row sum in inv_sum.
+void softmax_numerators(float* s, int length, int ld, float* inv_sum) {
+  const int vectors = ld / 16;
+  const __mmask16 last = length % 16 ? static_cast<__mmask16>((1u << (length % 16)) - 1) : 0xFFFF;
+  for (int i = 0; i < length; ++i) {
+    float* row = s + i * ld;
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int t = 0; t < vectors - 1; ++t) m = _mm512_max_ps(m, _mm512_loadu_ps(row + t * 16));
+    m = _mm512_mask_max_ps(m, last, m, _mm512_loadu_ps(row + (vectors - 1) * 16));
+    const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 sum = _mm512_setzero_ps();
+    for (int t = 0; t < vectors; ++t) {
+      __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + t * 16), row_max));
+      if (t == vectors - 1) e = _mm512_maskz_mov_ps(last, e);
+      _mm512_storeu_ps(row + t * 16, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv_sum[i] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+}
+
+// Per-thread buffers for clusters of `length` tokens (ld = length rounded up to 16); the backward's only
+// when asked for.
+struct Workspace {
+  Workspace(int d, int length, int ld, bool backward)
+      : kt(d * ld), v(length * d), s(length * ld), inv_sum(length), row_ptrs(length) {
+    if (backward) {
+      vt.resize(d * ld);
+      q.resize(length * d);
+      k.resize(length * d);
+      dout.resize(length * d);
+      ds.resize(length * ld);
+      grad_ptrs.resize(length);
+    }
+  }
+  std::vector<float> kt, v, s, inv_sum, vt, q, k, dout, ds;
+  std::vector<const float*> row_ptrs, grad_ptrs;
+};
+
+// Column block [offset, offset + D) of the cluster's rows, as (D, ld) with zero padding past `length`.
+template <int D>
+void gather_transposed(const float* rows, const int64_t* idx, int length, int ld, int offset, float* out) {
+  for (int j = 0; j < length; ++j) {
+    const float* src = rows + idx[j] * 3 * D + offset;
+    for (int c = 0; c < D; ++c) out[c * ld + j] = src[c];
+  }
+  for (int c = 0; c < D; ++c)
+    for (int j = length; j < ld; ++j) out[c * ld + j] = 0.0f;
+}
+
+template <int D>
+void gather_rows(const float* rows, int64_t stride, const int64_t* idx, int length, int offset, float* out) {
+  for (int j = 0; j < length; ++j) std::memcpy(out + j * D, rows + idx[j] * stride + offset, D * sizeof(float));
+}
+
+// Bring the next cluster's rows into cache while the current one computes (their order is random).
+void prefetch_rows(const float* rows, int64_t stride, const int64_t* idx, int length) {
+  for (int j = 0; j < length; ++j) {
+    const char* row = reinterpret_cast<const char*>(rows + idx[j] * stride);
+    for (int64_t b = 0; b < stride * 4; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+  }
+}
+
+template <int D>
+void forward_clusters(const float* rows, const int64_t* sources, int64_t begin, int64_t end, int length,
+                      float* out) {
+  const int ld = (length + 15) & ~15;
+  Workspace ws(D, length, ld, false);
+  for (int64_t c = begin; c < end; ++c) {
+    const int64_t* idx = sources + c * length;
+    if (c + 1 < end) prefetch_rows(rows, 3 * D, idx + length, length);
+    for (int i = 0; i < length; ++i) ws.row_ptrs[i] = rows + idx[i] * 3 * D;
+    gather_transposed<D>(rows, idx, length, ld, D, ws.kt.data());
+    gather_rows<D>(rows, 3 * D, idx, length, 2 * D, ws.v.data());
+    row_products<D>(ws.row_ptrs.data(), length, ws.kt.data(), ld, ws.s.data());
+    softmax_numerators(ws.s.data(), length, ld, ws.inv_sum.data());
+    weighted_sums<D>(ws.s.data(), ld, false, ws.v.data(), length, idx, ws.inv_sum.data(), out, D);
+  }
+}
+
+template <int D>
+void backward_clusters(const float* rows, const float* grad_out, const int64_t* sources, int64_t begin,
+                       int64_t end, int length, float* grad) {
+  const int ld = (length + 15) & ~15;
+  const int vectors = ld / 16;
+  Workspace ws(D, length, ld, true);
+  for (int64_t c = begin; c < end; ++c) {
+    const int64_t* idx = sources + c * length;
+    if (c + 1 < end) {
+      prefetch_rows(rows, 3 * D, idx + length, length);
+      prefetch_rows(grad_out, D, idx + length, length);
+    }
+    gather_transposed<D>(rows, idx, length, ld, D, ws.kt.data());
+    gather_transposed<D>(rows, idx, length, ld, 2 * D, ws.vt.data());
+    gather_rows<D>(rows, 3 * D, idx, length, 0, ws.q.data());
+    gather_rows<D>(rows, 3 * D, idx, length, D, ws.k.data());
+    gather_rows<D>(grad_out, D, idx, length, 0, ws.dout.data());
+    for (int i = 0; i < length; ++i) {
+      ws.row_ptrs[i] = ws.q.data() + i * D;
+      ws.grad_ptrs[i] = ws.dout.data() + i * D;
+    }
+    // Probabilities P, and dP = dO V^T.
+    row_products<D>(ws.row_ptrs.data(), length, ws.kt.data(), ld, ws.s.data());
+    softmax_numerators(ws.s.data(), length, ld, ws.inv_sum.data());
+    row_products<D>(ws.grad_ptrs.data(), length, ws.vt.data(), ld, ws.ds.data());
+    // dS = P * (dP - sum_j P dP), in place of dP; P normalised in place.
+    for (int i = 0; i < length; ++i) {
+      float* p = ws.s.data() + i * ld;
+      float* dp = ws.ds.data() + i * ld;
+      const __m512 inv = _mm512_set1_ps(ws.inv_sum[i]);
+      __m512 dot = _mm512_setzero_ps();
+      for (int t = 0; t < vectors; ++t) {
+        const __m512 pv = _mm512_mul_ps(_mm512_loadu_ps(p + t * 16), inv);
+        _mm512_storeu_ps(p + t * 16, pv);
+        dot = _mm512_fmadd_ps(pv, _mm512_loadu_ps(dp + t * 16), dot);
+      }
+      const __m512 row_dot = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+      for (int t = 0; t < vectors; ++t) {
+        const __m512 pv = _mm512_loadu_ps(p + t * 16);
+        _mm512_storeu_ps(dp + t * 16, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dp + t * 16), row_dot)));
+      }
+    }
+    // dQ = dS K, dK = dS^T Q, dV = P^T dO, each row written to its own place.
+    weighted_sums<D>(ws.ds.data(), ld, false, ws.k.data(), length, idx, nullptr, grad, 3 * D);
+    weighted_sums<D>(ws.ds.data(), ld, true, ws.q.data(), length, idx, nullptr, grad + D, 3 * D);
+    weighted_sums<D>(ws.s.data(), ld, true, ws.dout.data(), length, idx, nullptr, grad + 2 * D, 3 * D);
+  }
+}
+
+#pragma GCC pop_options
+#endif  // MMSECVIT_AVX512
+
+bool cpu_supported() {
+#ifdef MMSECVIT_AVX512
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+struct Part {
+  int64_t first, count, length;
+};
+
+std::vector<Part> check_inputs(const torch::Tensor& rows, const torch::Tensor& sources,
+                               const std::vector<int64_t>& parts) {
+  TORCH_CHECK(cpu_supported(), "mmsecvit cluster attention kernel: this CPU lacks AVX-512 (avx512f, avx512dq)");
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kFloat32 && rows.dim() == 2 &&
+                  rows.is_contiguous(),
+              "rows must be a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(rows.size(1) == 48 || rows.size(1) == 96, "rows must hold q, k, v of head_dim 16 or 32, got ",
+              rows.size(1), " values per row");
+  TORCH_CHECK(sources.device().is_cpu() && sources.scalar_type() == torch::kInt64 && sources.dim() == 1 &&
+                  sources.is_contiguous() && sources.size(0) == rows.size(0),
+              "sources must be a contiguous int64 CPU tensor with one entry per row");
+  TORCH_CHECK(parts.size() % 3 == 0, "parts must be (first slot, cluster count, cluster length) triples");
+  std::vector<Part> out;
+  for (size_t i = 0; i < parts.size(); i += 3) {
+    const Part part{parts[i], parts[i + 1], parts[i + 2]};
+    TORCH_CHECK(part.length >= 1 && part.length <= kMaxCluster, "cluster length must be in [1, ", kMaxCluster,
+                "], got ", part.length);
+    TORCH_CHECK(part.first >= 0 && part.count >= 0 && part.first + part.count * part.length <= rows.size(0),
+                "clusters run past the rows");
+    out.push_back(part);
+  }
+  return out;
+}
+
+torch::Tensor forward(const torch::Tensor& rows, const torch::Tensor& sources, const std::vector<int64_t>& parts) {
+  const auto checked = check_inputs(rows, sources, parts);
+  const int64_t d = rows.size(1) / 3;
+  auto out = torch::empty({rows.size(0), d}, rows.options());
+#ifdef MMSECVIT_AVX512
+  const float* row_data = rows.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  for (const Part& part : checked) {
+    const int64_t* idx = sources.data_ptr<int64_t>() + part.first;
+    at::parallel_for(0, part.count, 1, [&](int64_t begin, int64_t end) {
+      if (d == 32) forward_clusters<32>(row_data, idx, begin, end, part.length, out_data);
+      else forward_clusters<16>(row_data, idx, begin, end, part.length, out_data);
+    });
+  }
+#endif
+  return out;
+}
+
+torch::Tensor backward(const torch::Tensor& rows, const torch::Tensor& sources, const std::vector<int64_t>& parts,
+                       const torch::Tensor& grad_out) {
+  const auto checked = check_inputs(rows, sources, parts);
+  const int64_t d = rows.size(1) / 3;
+  TORCH_CHECK(grad_out.scalar_type() == torch::kFloat32 && grad_out.is_contiguous() &&
+                  grad_out.numel() == rows.size(0) * d,
+              "grad_out must be a contiguous float32 tensor with head_dim values per row");
+  auto grad = torch::empty_like(rows);
+#ifdef MMSECVIT_AVX512
+  const float* row_data = rows.data_ptr<float>();
+  const float* grad_out_data = grad_out.data_ptr<float>();
+  float* grad_data = grad.data_ptr<float>();
+  for (const Part& part : checked) {
+    const int64_t* idx = sources.data_ptr<int64_t>() + part.first;
+    at::parallel_for(0, part.count, 1, [&](int64_t begin, int64_t end) {
+      if (d == 32) backward_clusters<32>(row_data, grad_out_data, idx, begin, end, part.length, grad_data);
+      else backward_clusters<16>(row_data, grad_out_data, idx, begin, end, part.length, grad_data);
+    });
+  }
+#endif
+  return grad;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("supported", &cpu_supported, "Whether this CPU can run the kernels (AVX-512)");
+  m.def("forward", &forward, "Cluster attention, rows (R, 3d) -> (R, d) in row order");
+  m.def("backward", &backward, "Gradient of the rows from the gradient of forward's output");
+}
