@@ -26,7 +26,8 @@ def kernel_extensions():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
-    kernel = CppExtension('mmsecvit._kernels', ['mmsecvit/csrc/cluster_attention.cpp'],
+    sources = sorted(str(path.relative_to(HERE)) for path in (HERE / 'mmsecvit' / 'csrc').glob('*.cpp'))
+    kernel = CppExtension('mmsecvit._kernels', sources,
                           extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'], optional=True)
     return [kernel], {'build_ext': BuildExtension}
 

@@ -1,5 +1,6 @@
-"""The CPU kernels behind the backbone (depthwise convolution backward, the compiled and the chunked cluster
-attention, the 1x1-convolution form of the projections), each against PyTorch's own implementation."""
+"""The CPU kernels behind the backbone (depthwise convolution backward, compiled and PyTorch; the compiled and
+the chunked cluster attention; the 1x1-convolution form of the projections), each against PyTorch's own
+implementation."""
 import importlib
 
 import pytest
@@ -8,10 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmsecvit import SecViT
+from mmsecvit.models.compiled import _kernels, kernel_available
 from mmsecvit.models.depthwise_conv import depthwise_nhwc, depthwise_weight_grad
 from mmsecvit.models.secvit import linear_nhwc
 
 sec_attention_module = importlib.import_module('mmsecvit.models.sec_attention')
+depthwise_conv_module = importlib.import_module('mmsecvit.models.depthwise_conv')
 
 
 def reference_depthwise(conv, x, residual):
@@ -22,27 +25,50 @@ def reference_depthwise(conv, x, residual):
     return F.conv2d(x.permute(0, 3, 1, 2), weight, conv.bias, 1, conv.padding, 1, conv.groups).permute(0, 2, 3, 1)
 
 
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])  # float32 3x3/5x5: the compiled weight grad
 @pytest.mark.parametrize('kernel_size', [3, 5, 7])
 @pytest.mark.parametrize('residual', [False, True])
-def test_depthwise_gradients_match_pytorch(kernel_size, residual):
-    conv = nn.Conv2d(6, 6, kernel_size, padding=kernel_size // 2, groups=6).double()
-    x = torch.randn(2, 9, 11, 6, dtype=torch.double, requires_grad=True)
+def test_depthwise_gradients_match_pytorch(kernel_size, residual, dtype):
+    conv = nn.Conv2d(6, 6, kernel_size, padding=kernel_size // 2, groups=6).to(dtype)
+    x = torch.randn(2, 9, 11, 6, dtype=dtype, requires_grad=True)
     out = depthwise_nhwc(conv, x, residual)
     assert 'DepthwiseConv' in type(out.grad_fn.next_functions[0][0]).__name__  # the custom backward ran
     expected = reference_depthwise(conv, x, residual)
     torch.testing.assert_close(out, expected)
     # A gradient in another memory layout than the output's.
-    grad = torch.randn(2, 11, 9, 6, dtype=torch.double).transpose(1, 2)
+    grad = torch.randn(2, 11, 9, 6, dtype=dtype).transpose(1, 2)
     params = [x, conv.weight, conv.bias]
     for a, b in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(expected, params, grad)):
         torch.testing.assert_close(a, b)
 
 
-def test_depthwise_weight_grad_float32_tolerance():
-    x = torch.randn(1, 64, 37, 53).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(1, 64, 37, 53).contiguous(memory_format=torch.channels_last)
-    expected = torch.nn.grad.conv2d_weight(x.double(), (64, 1, 5, 5), grad.double(), padding=2, groups=64)
-    assert (depthwise_weight_grad(x, grad, 5).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+@pytest.mark.parametrize('compiled', [True, False], ids=['compiled', 'pytorch'])
+@pytest.mark.parametrize('batch, channels, height, width, kernel_size',
+                         [(1, 64, 37, 53, 5), (2, 70, 9, 11, 3), (2, 20, 7, 5, 5), (1, 17, 3, 2, 5), (1, 6, 4, 4, 3)])
+def test_depthwise_weight_grad_float32_tolerance(compiled, batch, channels, height, width, kernel_size, monkeypatch):
+    # Channel counts that are not multiples of 16 and maps smaller than the kernel included.
+    if compiled and not kernel_available():
+        pytest.skip('the compiled kernel needs an x86-64 CPU with AVX-512')
+    monkeypatch.setattr(depthwise_conv_module, 'kernel_available', lambda: compiled)
+    shape = (batch, channels, height, width)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.grad.conv2d_weight(x.double(), (channels, 1, kernel_size, kernel_size), grad.double(),
+                                           padding=kernel_size // 2, groups=channels)
+    result = depthwise_weight_grad(x, grad, kernel_size)
+    assert result.shape == expected.shape
+    assert (result.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.skipif(not kernel_available(), reason='the compiled kernel needs an x86-64 CPU with AVX-512')
+def test_depthwise_kernel_checks_its_inputs():
+    x = torch.randn(1, 8, 8, 16)
+    with pytest.raises(RuntimeError, match='kernel_size must be 3 or 5'):
+        _kernels.depthwise_weight_grad(x, x, 7)
+    with pytest.raises(RuntimeError, match='contiguous'):
+        _kernels.depthwise_weight_grad(x.transpose(1, 2), x, 3)
+    with pytest.raises(RuntimeError, match="input's shape"):
+        _kernels.depthwise_weight_grad(x, x[:, :4], 3)
 
 
 def test_depthwise_falls_back_outside_its_case():

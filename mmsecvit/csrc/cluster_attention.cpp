@@ -11,7 +11,7 @@
 // (first slot, cluster count, cluster length) triples. The output of the forward is (R, D); the backward
 // returns the gradient of `rows`. Each row belongs to exactly one cluster, so clusters run in parallel
 // without any two threads writing the same row.
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <ATen/Parallel.h>
 
@@ -19,11 +19,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MMSECVIT_AVX512 1
-#include <immintrin.h>
-#endif
-
+namespace mmsecvit {
 namespace {
 
 constexpr int kMaxCluster = 256;  // longer clusters (global attention) are left to PyTorch's fused kernel
@@ -267,28 +263,19 @@ void backward_clusters(const float* rows, const float* grad_out, const int64_t* 
 #pragma GCC pop_options
 #endif  // MMSECVIT_AVX512
 
-bool cpu_supported() {
-#ifdef MMSECVIT_AVX512
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-#else
-  return false;
-#endif
-}
-
 struct Part {
   int64_t first, count, length;
 };
 
-std::vector<Part> check_inputs(const torch::Tensor& rows, const torch::Tensor& sources,
+std::vector<Part> check_inputs(const at::Tensor& rows, const at::Tensor& sources,
                                const std::vector<int64_t>& parts) {
   TORCH_CHECK(cpu_supported(), "mmsecvit cluster attention kernel: this CPU lacks AVX-512 (avx512f, avx512dq)");
-  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kFloat32 && rows.dim() == 2 &&
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kFloat && rows.dim() == 2 &&
                   rows.is_contiguous(),
               "rows must be a contiguous 2-D float32 CPU tensor");
   TORCH_CHECK(rows.size(1) == 48 || rows.size(1) == 96, "rows must hold q, k, v of head_dim 16 or 32, got ",
               rows.size(1), " values per row");
-  TORCH_CHECK(sources.device().is_cpu() && sources.scalar_type() == torch::kInt64 && sources.dim() == 1 &&
+  TORCH_CHECK(sources.device().is_cpu() && sources.scalar_type() == at::kLong && sources.dim() == 1 &&
                   sources.is_contiguous() && sources.size(0) == rows.size(0),
               "sources must be a contiguous int64 CPU tensor with one entry per row");
   TORCH_CHECK(parts.size() % 3 == 0, "parts must be (first slot, cluster count, cluster length) triples");
@@ -304,10 +291,13 @@ std::vector<Part> check_inputs(const torch::Tensor& rows, const torch::Tensor& s
   return out;
 }
 
-torch::Tensor forward(const torch::Tensor& rows, const torch::Tensor& sources, const std::vector<int64_t>& parts) {
+}  // namespace
+
+at::Tensor cluster_attention_forward(const at::Tensor& rows, const at::Tensor& sources,
+                                     const std::vector<int64_t>& parts) {
   const auto checked = check_inputs(rows, sources, parts);
   const int64_t d = rows.size(1) / 3;
-  auto out = torch::empty({rows.size(0), d}, rows.options());
+  auto out = at::empty({rows.size(0), d}, rows.options());
 #ifdef MMSECVIT_AVX512
   const float* row_data = rows.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
@@ -322,14 +312,14 @@ torch::Tensor forward(const torch::Tensor& rows, const torch::Tensor& sources, c
   return out;
 }
 
-torch::Tensor backward(const torch::Tensor& rows, const torch::Tensor& sources, const std::vector<int64_t>& parts,
-                       const torch::Tensor& grad_out) {
+at::Tensor cluster_attention_backward(const at::Tensor& rows, const at::Tensor& sources,
+                                      const std::vector<int64_t>& parts, const at::Tensor& grad_out) {
   const auto checked = check_inputs(rows, sources, parts);
   const int64_t d = rows.size(1) / 3;
-  TORCH_CHECK(grad_out.scalar_type() == torch::kFloat32 && grad_out.is_contiguous() &&
+  TORCH_CHECK(grad_out.scalar_type() == at::kFloat && grad_out.is_contiguous() &&
                   grad_out.numel() == rows.size(0) * d,
               "grad_out must be a contiguous float32 tensor with head_dim values per row");
-  auto grad = torch::empty_like(rows);
+  auto grad = at::empty_like(rows);
 #ifdef MMSECVIT_AVX512
   const float* row_data = rows.data_ptr<float>();
   const float* grad_out_data = grad_out.data_ptr<float>();
@@ -345,10 +335,4 @@ torch::Tensor backward(const torch::Tensor& rows, const torch::Tensor& sources, 
   return grad;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("supported", &cpu_supported, "Whether this CPU can run the kernels (AVX-512)");
-  m.def("forward", &forward, "Cluster attention, rows (R, 3d) -> (R, d) in row order");
-  m.def("backward", &backward, "Gradient of the rows from the gradient of forward's output");
-}
+}  // namespace mmsecvit

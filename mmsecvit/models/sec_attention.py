@@ -28,17 +28,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-try:  # built by setup.py where a compiler and torch are present; optional
-    from mmsecvit import _kernels
-except ImportError:
-    _kernels = None
+from .compiled import _kernels, kernel_available
 
 IMPLEMENTATIONS = ('kernel', 'chunked', 'fused')
-
-
-def kernel_available():
-    """Whether the compiled cluster-attention kernel is built and this CPU can run it (AVX-512)."""
-    return _kernels is not None and _kernels.supported()
 
 
 def cluster_length(num_tokens, num_clusters=-1, cluster_size=-1):

@@ -1,0 +1,35 @@
+// mmsecvit's CPU kernels (float32, AVX-512), bound to Python as mmsecvit._kernels in bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MMSECVIT_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace mmsecvit {
+
+// Whether this CPU runs the kernels (avx512f and avx512dq); the module loads on any x86-64 CPU.
+inline bool cpu_supported() {
+#ifdef MMSECVIT_AVX512
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+// Attention inside clusters of packed q/k/v rows (cluster_attention.cpp).
+at::Tensor cluster_attention_forward(const at::Tensor& rows, const at::Tensor& sources,
+                                     const std::vector<int64_t>& parts);
+at::Tensor cluster_attention_backward(const at::Tensor& rows, const at::Tensor& sources,
+                                      const std::vector<int64_t>& parts, const at::Tensor& grad_out);
+
+// Weight gradient of a stride-1 "same" depthwise convolution on (B, H, W, C) tensors
+// (depthwise_weight_grad.cpp).
+at::Tensor depthwise_weight_grad(const at::Tensor& input, const at::Tensor& grad_output, int64_t kernel_size);
+
+}  // namespace mmsecvit
