@@ -36,7 +36,8 @@ def depthwise_weight_grad(x, grad, kernel_size):
         Tensor: (C, 1, k, k).
     """
     channels = x.shape[1]
-    if kernel_size in (3, 5) and x.dtype == grad.dtype == torch.float32 and kernel_available():
+    if (kernel_size in (3, 5) and x.device.type == 'cpu' and x.dtype == grad.dtype == torch.float32
+            and kernel_available()):
         nhwc = [t.permute(0, 2, 3, 1).contiguous() for t in (x, grad)]
         return _kernels.depthwise_weight_grad(*nhwc, kernel_size)
     if kernel_size == 3:
