@@ -132,6 +132,10 @@ def test_kernel_checks_its_inputs():
         sec_attention_module._kernels.forward(torch.randn(300, 96), torch.randperm(300), [0, 1, 300])
     with pytest.raises(RuntimeError, match='past the rows'):
         sec_attention_module._kernels.forward(rows, sources, [0, 3, 10])
+    with pytest.raises(RuntimeError, match='cover every row'):
+        sec_attention_module._kernels.forward(rows, sources, [0, 1, 10])
+    with pytest.raises(RuntimeError, match='follow each other'):
+        sec_attention_module._kernels.forward(rows, sources, [0, 1, 10, 12, 1, 8])
     with pytest.raises(ValueError, match='choose one of'):
         sec_attention_module.sec_attention(torch.randn(1, 20, 2, 3, 32), 10, impl='flash')
 

@@ -4,7 +4,7 @@
 // the cluster's scores, softmax and weighted sum stay in per-thread buffers of cache size, and every result
 // row is written straight to its place in the original token order. This replaces the permutation of all
 // rows into cluster order, the batched matrix products and softmax over chunks of clusters, and the
-// permutation back: one pass over memory instead of about six, and no intermediate tensors.
+// permutation back, with their passes over memory and their intermediate tensors.
 //
 // Layout: `rows` is (R, 3 * D), one row per (image, token, head) holding q, k (carrying the softmax scale)
 // and v. `sources` lists the rows of each cluster one cluster after another; `parts` is a flat list of
@@ -281,14 +281,17 @@ std::vector<Part> check_inputs(const at::Tensor& rows, const at::Tensor& sources
               "sources must be a contiguous int64 CPU tensor with one entry per row");
   TORCH_CHECK(parts.size() % 3 == 0, "parts must be (first slot, cluster count, cluster length) triples");
   std::vector<Part> out;
+  int64_t next = 0;  // parts follow each other and together cover every slot
   for (size_t i = 0; i < parts.size(); i += 3) {
     const Part part{parts[i], parts[i + 1], parts[i + 2]};
     TORCH_CHECK(part.length >= 1 && part.length <= kMaxCluster, "cluster length must be in [1, ", kMaxCluster,
                 "], got ", part.length);
-    TORCH_CHECK(part.first >= 0 && part.count >= 0 && part.first + part.count * part.length <= rows.size(0),
-                "clusters run past the rows");
+    TORCH_CHECK(part.first == next && part.count >= 0, "parts must follow each other from slot 0");
+    next = part.first + part.count * part.length;
+    TORCH_CHECK(next <= rows.size(0), "clusters run past the rows");
     out.push_back(part);
   }
+  TORCH_CHECK(next == rows.size(0), "clusters must cover every row, got ", next, " of ", rows.size(0));
   return out;
 }
 
