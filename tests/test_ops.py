@@ -16,6 +16,9 @@ from mmsecvit.models.secvit import linear_nhwc
 sec_attention_module = importlib.import_module('mmsecvit.models.sec_attention')
 depthwise_conv_module = importlib.import_module('mmsecvit.models.depthwise_conv')
 
+NO_KERNEL = 'the compiled kernel needs an x86-64 CPU with AVX-512'
+needs_kernel = pytest.mark.skipif(not kernel_available(), reason=NO_KERNEL)
+
 
 def reference_depthwise(conv, x, residual):
     weight = conv.weight
@@ -48,7 +51,7 @@ def test_depthwise_gradients_match_pytorch(kernel_size, residual, dtype):
 def test_depthwise_weight_grad_float32_tolerance(compiled, batch, channels, height, width, kernel_size, monkeypatch):
     # Channel counts that are not multiples of 16 and maps smaller than the kernel included.
     if compiled and not kernel_available():
-        pytest.skip('the compiled kernel needs an x86-64 CPU with AVX-512')
+        pytest.skip(NO_KERNEL)
     monkeypatch.setattr(depthwise_conv_module, 'kernel_available', lambda: compiled)
     shape = (batch, channels, height, width)
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
@@ -60,7 +63,7 @@ def test_depthwise_weight_grad_float32_tolerance(compiled, batch, channels, heig
     assert (result.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-@pytest.mark.skipif(not kernel_available(), reason='the compiled kernel needs an x86-64 CPU with AVX-512')
+@needs_kernel
 def test_depthwise_kernel_checks_its_inputs():
     x = torch.randn(1, 8, 8, 16)
     with pytest.raises(RuntimeError, match='kernel_size must be 3 or 5'):
@@ -87,15 +90,11 @@ def cpu_has_avx512():
     return 'avx512f' in flags and 'avx512dq' in flags
 
 
-needs_kernel = pytest.mark.skipif(not sec_attention_module.kernel_available(),
-                                  reason='the compiled kernel needs an x86-64 CPU with AVX-512')
-
-
 def test_kernel_is_built_where_the_cpu_supports_it():
     # setup builds mmsecvit._kernels; on a CPU with AVX-512 it must be there and usable.
     if cpu_has_avx512():
-        assert sec_attention_module._kernels is not None, 'mmsecvit._kernels is not built: rerun make setup'
-        assert sec_attention_module.kernel_available()
+        assert _kernels is not None, 'mmsecvit._kernels is not built: rerun make setup'
+        assert kernel_available()
 
 
 @pytest.mark.parametrize('impl', ['kernel', 'chunked'])
@@ -103,8 +102,8 @@ def test_kernel_is_built_where_the_cpu_supports_it():
                          [(2, 1000, 4, 32, 98), (1, 999, 3, 32, 100), (2, 50, 2, 16, 7), (1, 300, 2, 16, 256),
                           (1, 17, 1, 32, 1)])
 def test_cluster_attention_equals_fused_kernel(impl, batch, tokens, heads, head_dim, cluster_len, monkeypatch):
-    if impl == 'kernel' and not sec_attention_module.kernel_available():
-        pytest.skip('the compiled kernel needs an x86-64 CPU with AVX-512')
+    if impl == 'kernel' and not kernel_available():
+        pytest.skip(NO_KERNEL)
     # A small chunk so that the chunked path runs several chunks, the shorter last cluster included.
     monkeypatch.setattr(sec_attention_module, 'CHUNK_SCORES', 3 * cluster_len * cluster_len)
     packed = torch.randn(batch, tokens, heads, 3, head_dim)
@@ -122,20 +121,19 @@ def test_cluster_attention_equals_fused_kernel(impl, batch, tokens, heads, head_
 @needs_kernel
 def test_kernel_checks_its_inputs():
     rows, sources = torch.randn(20, 96), torch.randperm(20)
-    torch.testing.assert_close(sec_attention_module._kernels.forward(rows, sources, [0, 2, 10]).shape,
-                               torch.Size([20, 32]))
+    assert _kernels.forward(rows, sources, [0, 2, 10]).shape == (20, 32)
     with pytest.raises(RuntimeError, match='head_dim 16 or 32'):
-        sec_attention_module._kernels.forward(torch.randn(20, 48 * 3), sources, [0, 2, 10])
+        _kernels.forward(torch.randn(20, 48 * 3), sources, [0, 2, 10])
     with pytest.raises(RuntimeError, match='contiguous'):
-        sec_attention_module._kernels.forward(torch.randn(96, 20).t(), sources, [0, 2, 10])
+        _kernels.forward(torch.randn(96, 20).t(), sources, [0, 2, 10])
     with pytest.raises(RuntimeError, match='cluster length'):
-        sec_attention_module._kernels.forward(torch.randn(300, 96), torch.randperm(300), [0, 1, 300])
+        _kernels.forward(torch.randn(300, 96), torch.randperm(300), [0, 1, 300])
     with pytest.raises(RuntimeError, match='past the rows'):
-        sec_attention_module._kernels.forward(rows, sources, [0, 3, 10])
+        _kernels.forward(rows, sources, [0, 3, 10])
     with pytest.raises(RuntimeError, match='cover every row'):
-        sec_attention_module._kernels.forward(rows, sources, [0, 1, 10])
+        _kernels.forward(rows, sources, [0, 1, 10])
     with pytest.raises(RuntimeError, match='follow each other'):
-        sec_attention_module._kernels.forward(rows, sources, [0, 1, 10, 12, 1, 8])
+        _kernels.forward(rows, sources, [0, 1, 10, 12, 1, 8])
     with pytest.raises(ValueError, match='choose one of'):
         sec_attention_module.sec_attention(torch.randn(1, 20, 2, 3, 32), 10, impl='flash')
 
@@ -143,7 +141,7 @@ def test_kernel_checks_its_inputs():
 def test_attention_impl_picks_the_fastest_for_the_input():
     packed = torch.randn(1, 300, 2, 3, 32)
     impl = sec_attention_module.attention_impl
-    assert impl(packed, 98) == ('kernel' if sec_attention_module.kernel_available() else 'chunked')
+    assert impl(packed, 98) == ('kernel' if kernel_available() else 'chunked')
     assert impl(packed.double(), 98) == 'chunked'
     assert impl(torch.randn(1, 300, 1, 3, 64), 98) == 'chunked'  # head_dim the kernel does not cover
     assert impl(packed, sec_attention_module.MAX_CHUNKED_CLUSTER + 1) == 'fused'

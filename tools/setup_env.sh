@@ -20,7 +20,8 @@ STAMP=$VENV/.mmsecvit-setup
 say() { printf '[setup] %s\n' "$*"; }
 
 fingerprint() {
-    cat "$ROOT"/requirements/*.txt "$ROOT/tools/setup_env.sh" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT"/mmsecvit/csrc/* | sha256sum | cut -c1-16
+    cat "$ROOT"/requirements/*.txt "$ROOT/tools/setup_env.sh" "$ROOT/setup.py" "$ROOT/pyproject.toml" \
+        "$ROOT"/mmsecvit/csrc/* | sha256sum | cut -c1-16
 }
 
 is_current() {
