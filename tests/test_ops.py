@@ -74,6 +74,63 @@ def test_depthwise_kernel_checks_its_inputs():
         _kernels.depthwise_weight_grad(x, x[:, :4], 3)
 
 
+@needs_kernel
+@pytest.mark.parametrize('batch, height, width, channels, kernel_size',
+                         [(2, 7, 9, 20, 3), (1, 1, 1, 16, 5), (1, 3, 2, 33, 5), (2, 13, 17, 64, 5), (1, 6, 11, 48, 3)])
+def test_depthwise_conv_kernel_equals_conv2d(batch, height, width, channels, kernel_size):
+    # Channel counts that are not multiples of 16, maps smaller than the kernel, with and without bias.
+    x = torch.randn(batch, height, width, channels)
+    weight = torch.randn(channels, 1, kernel_size, kernel_size)
+    for bias in (torch.randn(channels), None):
+        expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), None if bias is None else bias.double(),
+                            padding=kernel_size // 2, groups=channels).permute(0, 2, 3, 1)
+        result = _kernels.depthwise_conv(x, weight, bias)
+        assert result.is_contiguous() and result.shape == x.shape
+        torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+
+
+@needs_kernel
+def test_depthwise_conv_kernel_reads_strided_positions():
+    # A channel slice of a wider tensor (e.g. v of packed q/k/v): positions are 3 * C apart.
+    wide = torch.randn(2, 9, 10, 3 * 48)
+    x = wide[..., 96:]
+    weight = torch.randn(48, 1, 5, 5)
+    expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), padding=2, groups=48).permute(0, 2, 3, 1)
+    torch.testing.assert_close(_kernels.depthwise_conv(x, weight).double(), expected, rtol=0, atol=1e-5)
+
+
+@needs_kernel
+def test_depthwise_conv_kernel_checks_its_inputs():
+    x = torch.randn(1, 8, 8, 16)
+    with pytest.raises(RuntimeError, match='kernel_size must be 3 or 5'):
+        _kernels.depthwise_conv(x, torch.randn(16, 1, 7, 7))
+    with pytest.raises(RuntimeError, match='contiguous channels'):
+        _kernels.depthwise_conv(x.transpose(2, 3), torch.randn(8, 1, 3, 3))
+    with pytest.raises(RuntimeError, match='C = 16'):
+        _kernels.depthwise_conv(x, torch.randn(8, 1, 3, 3))
+    with pytest.raises(RuntimeError, match='bias must be'):
+        _kernels.depthwise_conv(x, torch.randn(16, 1, 3, 3), torch.randn(8))
+
+
+@pytest.mark.parametrize('kernel_size', [3, 5])
+def test_small_inference_maps_use_the_compiled_depthwise_conv(kernel_size, monkeypatch):
+    # Below KERNEL_MAX_VALUES the no-grad path takes the compiled kernel (where built); either way it equals
+    # PyTorch's convolution, with the residual folded in.
+    calls = []
+    if kernel_available():
+        monkeypatch.setattr(depthwise_conv_module, '_kernels', type('Spy', (), {
+            'depthwise_conv': staticmethod(lambda *args: calls.append(1) or _kernels.depthwise_conv(*args))}))
+    conv = nn.Conv2d(32, 32, kernel_size, padding=kernel_size // 2, groups=32)
+    x = torch.randn(1, 14, 14, 32)
+    with torch.no_grad():
+        for residual in (False, True):
+            torch.testing.assert_close(depthwise_nhwc(conv, x, residual), reference_depthwise(conv, x, residual))
+        assert len(calls) == (2 if kernel_available() else 0)
+        monkeypatch.setattr(depthwise_conv_module, 'KERNEL_MAX_VALUES', x.numel() - 1)
+        torch.testing.assert_close(depthwise_nhwc(conv, x), reference_depthwise(conv, x, False))
+        assert len(calls) == (2 if kernel_available() else 0)  # larger maps stay with oneDNN
+
+
 def test_depthwise_falls_back_outside_its_case():
     # Strided convolutions and inference use PyTorch's convolution unchanged.
     strided = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4)
@@ -194,3 +251,45 @@ def test_radix_ranking_equals_argsort(shape):
     order = sec_attention_module.argsort_rows(scores)
     torch.testing.assert_close(scores.gather(-1, order), scores.sort(dim=-1).values, rtol=0, atol=0)
     assert torch.equal(order.sort(dim=-1).values, torch.arange(shape[-1]).expand(shape))
+
+
+def exact_key_scores(packed):
+    """Cosine of every key to the keys' sum, in float64: (B, heads, N)."""
+    k = packed[:, :, :, 1].double()
+    return torch.einsum('bnhd,bhd->bhn', k, k.sum(dim=1)) / k.norm(dim=-1).transpose(1, 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize('batch, tokens, heads, head_dim', [(1, 67200, 2, 32), (2, 4200, 8, 32), (3, 49, 4, 16),
+                                                            (1, 1, 2, 16)])
+def test_ranking_kernel_sorts_by_the_exact_scores(batch, tokens, heads, head_dim):
+    packed = torch.randn(batch, tokens, heads, 3, head_dim)
+    order = _kernels.semantic_order(packed.reshape(-1, 3 * head_dim), batch, tokens, heads)
+    assert torch.equal(order.sort(dim=-1).values, torch.arange(tokens).expand(batch, heads, tokens))
+    ranked = exact_key_scores(packed).gather(-1, order)
+    # Ranked within float32 rounding of the scores (whose scale is the centre's length, not 1).
+    scale = packed[:, :, :, 1].double().sum(dim=1).norm(dim=-1)[..., None]
+    assert ((ranked[..., :-1] - ranked[..., 1:]) / scale <= 1e-6).all()
+    # Equal to PyTorch's ranking except for near-ties.
+    assert (order != sec_attention_module.argsort_rows(exact_key_scores(packed).float())).float().mean() < 0.01
+
+
+@needs_kernel
+def test_ranking_kernel_keeps_token_order_between_equal_scores():
+    packed = torch.randn(1, 50, 2, 3, 16)
+    packed[:, 10:20, :, 1] = packed[:, 5:6, :, 1]  # eleven equal keys
+    order = _kernels.semantic_order(packed.reshape(-1, 48), 1, 50, 2)
+    for row in order[0]:
+        tied = row[(row >= 10) & (row < 20) | (row == 5)]
+        assert torch.equal(tied, tied.sort().values)
+
+
+@needs_kernel
+def test_ranking_kernel_checks_its_inputs():
+    rows = torch.randn(2 * 7 * 3, 96)
+    with pytest.raises(RuntimeError, match='batch \\* tokens \\* heads rows'):
+        _kernels.semantic_order(rows, 2, 7, 4)
+    with pytest.raises(RuntimeError, match='head_dim 16 or 32'):
+        _kernels.semantic_order(torch.randn(42, 24), 2, 7, 3)
+    with pytest.raises(RuntimeError, match='contiguous'):
+        _kernels.semantic_order(rows.t(), 2, 7, 3)

@@ -9,6 +9,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Cluster attention: rows (R, 3d), cluster order, parts -> (R, d) in row order");
   m.def("backward", &mmsecvit::cluster_attention_backward,
         "Gradient of the rows from the gradient of forward's output");
+  m.def("semantic_order", &mmsecvit::semantic_order,
+        "Tokens of every (image, head) ranked by the cosine similarity of their key to the keys' sum: (B, heads, N)",
+        py::arg("rows"), py::arg("batch"), py::arg("tokens"), py::arg("heads"));
+  m.def("depthwise_conv", &mmsecvit::depthwise_conv,
+        "Stride-1 'same' depthwise convolution of a (B, H, W, C) tensor with a (C, 1, k, k) weight and optional bias",
+        py::arg("input"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("depthwise_weight_grad", &mmsecvit::depthwise_weight_grad,
         "Weight gradient (C, 1, k, k) of a stride-1 'same' depthwise convolution of (B, H, W, C) tensors");
 }

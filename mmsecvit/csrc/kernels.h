@@ -28,6 +28,13 @@ at::Tensor cluster_attention_forward(const at::Tensor& rows, const at::Tensor& s
 at::Tensor cluster_attention_backward(const at::Tensor& rows, const at::Tensor& sources,
                                       const std::vector<int64_t>& parts, const at::Tensor& grad_out);
 
+// Ranked token indices (B, heads, N) of SEC attention from packed q/k/v rows (semantic_order.cpp).
+at::Tensor semantic_order(const at::Tensor& rows, int64_t batch, int64_t tokens, int64_t heads);
+
+// Stride-1 "same" depthwise convolution of a (B, H, W, C) tensor with contiguous channels; returns a
+// contiguous (B, H, W, C) tensor (depthwise_conv.cpp).
+at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
 // Weight gradient of a stride-1 "same" depthwise convolution on (B, H, W, C) tensors
 // (depthwise_weight_grad.cpp).
 at::Tensor depthwise_weight_grad(const at::Tensor& input, const at::Tensor& grad_output, int64_t kernel_size);
