@@ -157,7 +157,7 @@ void softmax_numerators(float* s, int length, int ld, float* inv_sum) {
 // when asked for.
 struct Workspace {
   Workspace(int d, int length, int ld, bool backward)
-      : kt(d * ld), v(length * d), s(length * ld), inv_sum(length), row_ptrs(length) {
+      : cluster(length * 3 * d), kt(d * ld), v(length * d), s(length * ld), inv_sum(length), row_ptrs(length) {
     if (backward) {
       vt.resize(d * ld);
       q.resize(length * d);
@@ -167,24 +167,31 @@ struct Workspace {
       grad_ptrs.resize(length);
     }
   }
-  std::vector<float> kt, v, s, inv_sum, vt, q, k, dout, ds;
+  std::vector<float> cluster, kt, v, s, inv_sum, vt, q, k, dout, ds;
   std::vector<const float*> row_ptrs, grad_ptrs;
 };
 
-// Column block [offset, offset + D) of the cluster's rows, as (D, ld) with zero padding past `length`.
 template <int D>
-void gather_transposed(const float* rows, const int64_t* idx, int length, int ld, int offset, float* out) {
+void gather_rows(const float* rows, int64_t stride, const int64_t* idx, int length, int offset, float* out) {
+  for (int j = 0; j < length; ++j) std::memcpy(out + j * D, rows + idx[j] * stride + offset, D * sizeof(float));
+}
+
+// Column block [offset, offset + D) of the cluster's (length, 3 * D) rows, as (D, ld) with zero padding past
+// `length`.
+template <int D>
+void transpose_block(const float* cluster, int length, int ld, int offset, float* out) {
   for (int j = 0; j < length; ++j) {
-    const float* src = rows + idx[j] * 3 * D + offset;
+    const float* src = cluster + j * 3 * D + offset;
     for (int c = 0; c < D; ++c) out[c * ld + j] = src[c];
   }
   for (int c = 0; c < D; ++c)
     for (int j = length; j < ld; ++j) out[c * ld + j] = 0.0f;
 }
 
+// Column block [offset, offset + D) of the cluster's (length, 3 * D) rows, as (length, D).
 template <int D>
-void gather_rows(const float* rows, int64_t stride, const int64_t* idx, int length, int offset, float* out) {
-  for (int j = 0; j < length; ++j) std::memcpy(out + j * D, rows + idx[j] * stride + offset, D * sizeof(float));
+void copy_block(const float* cluster, int length, int offset, float* out) {
+  for (int j = 0; j < length; ++j) std::memcpy(out + j * D, cluster + j * 3 * D + offset, D * sizeof(float));
 }
 
 // Bring the next cluster's rows into cache while the current one computes (their order is random).
@@ -203,9 +210,12 @@ void forward_clusters(const float* rows, const int64_t* sources, int64_t begin, 
   for (int64_t c = begin; c < end; ++c) {
     const int64_t* idx = sources + c * length;
     if (c + 1 < end) prefetch_rows(rows, 3 * D, idx + length, length);
-    for (int i = 0; i < length; ++i) ws.row_ptrs[i] = rows + idx[i] * 3 * D;
-    gather_transposed<D>(rows, idx, length, ld, D, ws.kt.data());
-    gather_rows<D>(rows, 3 * D, idx, length, 2 * D, ws.v.data());
+    // The cluster's rows first, in one pass; every later read then hits this thread's cache. (Reading q
+    // straight from the scattered rows during the products took up to 40% longer on maps beyond the cache.)
+    gather_rows<3 * D>(rows, 3 * D, idx, length, 0, ws.cluster.data());
+    for (int i = 0; i < length; ++i) ws.row_ptrs[i] = ws.cluster.data() + i * 3 * D;
+    transpose_block<D>(ws.cluster.data(), length, ld, D, ws.kt.data());
+    copy_block<D>(ws.cluster.data(), length, 2 * D, ws.v.data());
     row_products<D>(ws.row_ptrs.data(), length, ws.kt.data(), ld, ws.s.data());
     softmax_numerators(ws.s.data(), length, ld, ws.inv_sum.data());
     weighted_sums<D>(ws.s.data(), ld, false, ws.v.data(), length, idx, ws.inv_sum.data(), out, D);
@@ -224,11 +234,12 @@ void backward_clusters(const float* rows, const float* grad_out, const int64_t* 
       prefetch_rows(rows, 3 * D, idx + length, length);
       prefetch_rows(grad_out, D, idx + length, length);
     }
-    gather_transposed<D>(rows, idx, length, ld, D, ws.kt.data());
-    gather_transposed<D>(rows, idx, length, ld, 2 * D, ws.vt.data());
-    gather_rows<D>(rows, 3 * D, idx, length, 0, ws.q.data());
-    gather_rows<D>(rows, 3 * D, idx, length, D, ws.k.data());
+    gather_rows<3 * D>(rows, 3 * D, idx, length, 0, ws.cluster.data());
     gather_rows<D>(grad_out, D, idx, length, 0, ws.dout.data());
+    transpose_block<D>(ws.cluster.data(), length, ld, D, ws.kt.data());
+    transpose_block<D>(ws.cluster.data(), length, ld, 2 * D, ws.vt.data());
+    copy_block<D>(ws.cluster.data(), length, 0, ws.q.data());
+    copy_block<D>(ws.cluster.data(), length, D, ws.k.data());
     for (int i = 0; i < length; ++i) {
       ws.row_ptrs[i] = ws.q.data() + i * D;
       ws.grad_ptrs[i] = ws.dout.data() + i * D;
