@@ -125,6 +125,31 @@ def test_fixed_cluster_count_matches_official_reference(size):
         torch.testing.assert_close(a, e)
 
 
+def test_inference_folds_batch_norms_into_convolutions():
+    # Without autograd the stem and downsampling batch norms are folded into their convolutions; the result
+    # equals the layers run as they are, and follows changed statistics.
+    model = SecViT('tiny', cluster_size=49).double().eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 7  # four in the stem, three downsampling layers
+
+    def randomize():
+        for norm in norms:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.data.normal_()
+            norm.bias.data.normal_()
+
+    randomize()
+    x = torch.randn(1, 3, 64, 96, dtype=torch.double)
+    for _ in range(2):
+        expected = model(x)  # with autograd: the layers as they are
+        with torch.no_grad():
+            folded = model(x)
+        for a, e in zip(folded, expected):
+            torch.testing.assert_close(a, e)
+        randomize()
+
+
 def test_layer_scale_variant_matches_official_reference():
     official, ours = build_pair('base', num_clusters=(4, 2, 2, -1))
     x = torch.randn(1, 3, 96, 64, dtype=torch.double)

@@ -297,7 +297,7 @@ class SecViTStage(BaseModule):
                 x = block(x, rope)
         if self.downsample is None:
             return x, None
-        down = self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        down = conv_norm_act(self.downsample, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return x, down.contiguous()
 
 
@@ -308,6 +308,30 @@ def conv3x3_norm(in_dims, out_dims, stride, norm_cfg, gelu=False):
     if gelu:
         layers.append(('act', nn.GELU()))
     return nn.Sequential(OrderedDict(layers))
+
+
+def fold_batch_norm(conv_weight, conv_bias, norm_weight, norm_bias, running_mean, running_var, eps):
+    """Weight and bias of one convolution equal to ``conv`` followed by an eval-mode batch norm."""
+    scale = norm_weight * (running_var + eps).rsqrt()
+    return conv_weight * scale[:, None, None, None], (conv_bias - running_mean) * scale + norm_bias
+
+
+def conv_norm_act(layer, x):
+    """Run a :func:`conv3x3_norm` layer on NCHW ``x``.
+
+    Without autograd, an affine batch norm in eval mode is folded into the convolution (the folded weight
+    is computed once and reused while the parameters and statistics are unchanged) and GELU works in
+    place: one pass over the output instead of three. Otherwise, and in traced graphs, the layer runs as is.
+    """
+    conv, norm = layer[0], layer[1]
+    if (torch.is_grad_enabled() or torch.jit.is_tracing() or not isinstance(norm, _BatchNorm) or norm.training
+            or not norm.affine or norm.running_mean is None):
+        return layer(x)
+    weight, bias = reuse_without_grad(
+        layer, 'folded', lambda *tensors: fold_batch_norm(*tensors, norm.eps), conv.weight, conv.bias, norm.weight,
+        norm.bias, norm.running_mean, norm.running_var)
+    x = F.conv2d(x, weight, bias, conv.stride, conv.padding)
+    return torch.ops.aten.gelu_(x) if len(layer) > 2 else x
 
 
 def build_stem(embed_dims, norm_cfg):
@@ -489,7 +513,9 @@ class SecViT(BaseModule):
         """x: (B, 3, H, W). Returns a tuple of (B, C_i, ceil(H / s_i), ceil(W / s_i)) maps, s_i = 4 * 2**i."""
         self.check_input(x)
         # The stem runs channels-last (about 2.7x faster on CPU); its output is then (B, H, W, C) contiguous.
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        for layer in self.patch_embed:
+            x = conv_norm_act(layer, x)
         x = x.permute(0, 2, 3, 1).contiguous()
         outs = []
         for i, stage in enumerate(self.stages):
