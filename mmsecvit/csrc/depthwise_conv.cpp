@@ -1,12 +1,11 @@
 // Stride-1, zero-padded ("same") depthwise convolution of (B, H, W, C) tensors (3x3 and 5x5 kernels).
 //
 // out[b, y, x, c] = bias[c] + sum over (i, j) of weight[c, i, j] * input[b, y + i - p, x + j - p, c].
-// oneDNN runs these channels-last convolutions at a quarter of the memory bandwidth on this model's
-// large maps and spends about 0.2 ms per call on small ones. Here every thread takes whole output rows;
-// per block of 16 channels the k * k weight vectors stay in registers while a tile of 4 positions
-// accumulates its taps, so each output value is written once and the k input rows come from cache.
-// The input may be a view with any row and position strides (channels contiguous), e.g. a slice of
-// packed q/k/v.
+// Meant for small maps, where oneDNN spends most of a call on its fixed cost (on large maps both are bound
+// by memory bandwidth). Every thread takes whole output rows; for each tile of up to 8 positions and 16
+// channels, each input row's T + k - 1 positions are loaded into registers once and serve all k taps of
+// the tile, whose sums stay in registers until the output is written. The input may be a view with any
+// row and position strides (channels contiguous), e.g. a slice of a wider tensor.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -104,7 +103,8 @@ void output_row(const float* image, const Strides& in, const float* taps, const 
 
 }  // namespace
 
-at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(cpu_supported(), "mmsecvit depthwise kernel: this CPU lacks AVX-512 (avx512f, avx512dq)");
   TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && input.dim() == 4 &&
                   input.stride(3) == 1,
@@ -117,7 +117,7 @@ at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, con
   TORCH_CHECK(kernel_size == 3 || kernel_size == 5, "kernel_size must be 3 or 5, got ", kernel_size);
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == channels),
               "bias must be a float32 tensor of ", channels, " values");
-  auto output = at::empty({batch, height, width, channels}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  auto output = at::empty({batch, height, width, channels}, input.options());
 #ifdef MMSECVIT_AVX512
   const at::Tensor taps = weight.reshape({channels, kernel_size * kernel_size}).t().contiguous();
   const at::Tensor bias_values = bias ? bias->contiguous() : at::Tensor();

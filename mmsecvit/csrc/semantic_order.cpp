@@ -40,7 +40,8 @@ void score_keys(const float* keys, int64_t tokens, int64_t token_stride, uint32_
       sum[v] = _mm512_add_pd(sum[v], _mm512_cvtps_pd(_mm256_loadu_ps(keys + n * token_stride + v * 8)));
   __m512 centre[V];
   for (int v = 0; v < V; ++v)
-    centre[v] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(sum[2 * v])), _mm512_cvtpd_ps(sum[2 * v + 1]), 1);
+    centre[v] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(sum[2 * v])),
+                                   _mm512_cvtpd_ps(sum[2 * v + 1]), 1);
   for (int64_t n = 0; n < tokens; ++n) {
     __m512 dot = _mm512_setzero_ps(), square = _mm512_setzero_ps();
     for (int v = 0; v < V; ++v) {

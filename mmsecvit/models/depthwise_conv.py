@@ -1,10 +1,11 @@
-"""Depthwise convolution on (B, H, W, C) tensors, with a faster CPU backward.
+"""Depthwise convolution on (B, H, W, C) tensors, with a faster CPU backward and, on small maps, forward.
 
 On the CPU, PyTorch's depthwise convolution backward (oneDNN) takes about eight times as long as the
 forward for the input gradient, and a 5x5 kernel's weight gradient is slower still. Both have cheap
 equivalents: the input gradient of a stride-1 "same" depthwise convolution is the same convolution
 with the kernel flipped, and the weight gradient comes from the compiled kernel (mmsecvit/csrc) or,
 without it, from 3x3 weight gradients (the fast oneDNN case) of shifted windows of the padded input.
+On small maps the convolution itself comes from a compiled kernel too (see ``_same_conv``).
 """
 import torch
 import torch.nn.functional as F
@@ -112,11 +113,12 @@ def _same_conv(x, weight, bias):
     """Stride-1 "same" depthwise convolution of a channels-last NCHW ``x``.
 
     Small float32 CPU maps with 3x3 or 5x5 kernels go to the compiled kernel (mmsecvit/csrc), which skips
-    oneDNN's fixed cost per call: 1.3-3x faster on this model's maps at 224 px. Elsewhere, and in traced
-    graphs (FLOP counting), it is ``F.conv2d``.
+    oneDNN's fixed cost per call: 1.04-3x faster on this model's maps at 224 px. Elsewhere (autocast and
+    traced graphs for FLOP counting included) it is ``F.conv2d``.
     """
     if (weight.shape[-1] in (3, 5) and x.numel() <= KERNEL_MAX_VALUES and x.device.type == 'cpu'
-            and x.dtype == weight.dtype == torch.float32 and not torch.jit.is_tracing() and kernel_available()):
+            and x.dtype == weight.dtype == torch.float32 and x.stride(1) == 1
+            and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing() and kernel_available()):
         return _kernels.depthwise_conv(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
     return F.conv2d(x, weight, bias, 1, weight.shape[-1] // 2, 1, weight.shape[0])
 
