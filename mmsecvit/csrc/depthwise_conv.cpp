@@ -76,8 +76,8 @@ inline void positions(const float* const* rows, int first_i, int last_i, int64_t
   }
 }
 
-// Output row y (all W positions and C channels): tiles of 4 positions between the borders, where every
-// tap is inside the image, and single positions elsewhere.
+// Output row y (all W positions and C channels): tiles of 8, then 4, positions between the borders, where
+// every tap is inside the image, and single positions elsewhere.
 template <int K>
 void output_row(const float* image, const Strides& in, const float* taps, const float* bias, int64_t y,
                 int64_t height, int64_t width, int64_t channels, float* out_row) {

@@ -69,7 +69,7 @@ class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        channels, kernel_size = weight.shape[0], weight.shape[-1]
+        kernel_size = weight.shape[-1]
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:

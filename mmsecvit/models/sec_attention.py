@@ -62,6 +62,13 @@ def cluster_length(num_tokens, num_clusters=-1, cluster_size=-1):
 RADIX_SORT_MIN_TOKENS = 4096
 
 
+def _kernel_fits(packed):
+    """Whether the compiled kernels (ranking, cluster attention) take this packed q/k/v: float32 on a CPU
+    they can run on, head_dim 16 or 32, outside traced graphs."""
+    return (packed.device.type == 'cpu' and packed.dtype == torch.float32 and packed.shape[-1] in (16, 32)
+            and not torch.jit.is_tracing() and kernel_available())
+
+
 @torch.no_grad()
 def semantic_order(packed):
     """Rank each head's tokens by the cosine similarity of their key to the mean key (ascending).
@@ -79,8 +86,7 @@ def semantic_order(packed):
         Tensor: Token indices of shape (B, heads, N).
     """
     batch, num_tokens, heads, _, head_dim = packed.shape
-    if (packed.device.type == 'cpu' and packed.dtype == torch.float32 and head_dim in (16, 32)
-            and not torch.jit.is_tracing() and kernel_available()):
+    if _kernel_fits(packed):
         return _kernels.semantic_order(packed.reshape(-1, 3 * head_dim).contiguous(), batch, num_tokens, heads)
     k = packed[:, :, :, 1]
     dots = torch.einsum('bnhd,bhd->bhn', k, k.sum(dim=1))
@@ -256,7 +262,7 @@ def attention_impl(packed, cluster_len):
     if (packed.device.type != 'cpu' or torch.is_autocast_enabled('cpu') or cluster_len > MAX_CHUNKED_CLUSTER
             or torch.jit.is_tracing()):
         return 'fused'
-    if packed.dtype == torch.float32 and packed.shape[-1] in (16, 32) and kernel_available():
+    if _kernel_fits(packed):
         return 'kernel'
     return 'chunked' if packed.dtype in (torch.float32, torch.float64) else 'fused'
 
