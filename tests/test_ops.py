@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from mmsecvit import SecViT
 from mmsecvit.models.compiled import _kernels, kernel_available
 from mmsecvit.models.depthwise_conv import depthwise_nhwc, depthwise_weight_grad
+from mmsecvit.models.sec_attention import apply_rope, rope_angles, rope_tables
 from mmsecvit.models.secvit import linear_nhwc
 
 sec_attention_module = importlib.import_module('mmsecvit.models.sec_attention')
@@ -205,6 +206,28 @@ def test_attention_impl_picks_the_fastest_for_the_input():
     assert impl(packed.bfloat16(), 98) == 'fused'
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert impl(packed, 98) == 'fused'
+
+
+@pytest.mark.parametrize('used', ['both', 'rotated', 'values'])
+def test_rope_with_values_backward_equals_plain_autograd(used):
+    rope = rope_tables(4, 5, rope_angles(8).double(), key_scale=8 ** -0.5)
+    packed = torch.randn(2, 20, 3, 3, 8, dtype=torch.float64, requires_grad=True)
+    rotated, values = apply_rope(packed, rope, with_values=True)
+    assert values.shape == (2, 20, 24) and values.is_contiguous()
+    pairs = packed.unflatten(-1, (-1, 2))
+    plain_rotated = torch.view_as_real(torch.view_as_complex(pairs) * rope.complex).flatten(-2)
+    plain_values = packed[:, :, :, 2].reshape(2, 20, 24)
+    torch.testing.assert_close(rotated, plain_rotated, rtol=0, atol=0)
+    torch.testing.assert_close(values, plain_values, rtol=0, atol=0)
+    weights = torch.randn_like(rotated), torch.randn_like(values)
+
+    def loss(rotated, values):  # an output left out gets no gradient at all (None in the backward)
+        terms = [(rotated * weights[0]).sum()] if used != 'values' else []
+        return sum(terms + ([(values * weights[1]).sum()] if used != 'rotated' else []))
+
+    (grad,) = torch.autograd.grad(loss(rotated, values), packed)
+    (plain_grad,) = torch.autograd.grad(loss(plain_rotated, plain_values), packed)
+    torch.testing.assert_close(grad, plain_grad)
 
 
 def test_linear_nhwc_inference_path_equals_linear():

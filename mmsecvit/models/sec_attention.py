@@ -359,7 +359,44 @@ def rope_tables(height, width, angle, key_scale=1.0):
     return RotaryTables(cos, sin, torch.complex(cos, sin))
 
 
-def apply_rope(packed, rope):
+def _rotate(packed, rotation):
+    """``packed`` with adjacent channel pairs multiplied by the complex ``rotation`` (a new tensor)."""
+    return torch.view_as_real(torch.view_as_complex(packed.unflatten(-1, (-1, 2))) * rotation).flatten(-2)
+
+
+def _copy_values(packed):
+    """v of packed (B, N, heads, 3, head_dim) as a new contiguous (B, N, heads * head_dim) tensor."""
+    return packed[:, :, :, 2].clone(memory_format=torch.contiguous_format).flatten(2)
+
+
+class _RotateSplitValues(torch.autograd.Function):
+    """The rotary embedding of packed q/k/v and a contiguous copy of v, with one backward.
+
+    v feeds both the attention (through the packed tensor) and the LePE branch (through the copy). Plain
+    autograd would give the copy's gradient a packed-size zero tensor and then add the two packed-size
+    gradients; here it is added into v's slice of the rotated gradient in place.
+    """
+
+    @staticmethod
+    def forward(ctx, packed, rotation):
+        ctx.save_for_backward(rotation)
+        ctx.packed_shape = packed.shape
+        return _rotate(packed, rotation), _copy_values(packed)
+
+    @staticmethod
+    def backward(ctx, grad_rotated, grad_values):
+        (rotation,) = ctx.saved_tensors
+        if grad_rotated is None:
+            grad = grad_values.new_zeros(ctx.packed_shape)
+        else:
+            grad = _rotate(grad_rotated.contiguous(), rotation.conj())
+        if grad_values is not None:
+            values = grad[:, :, :, 2]
+            values += grad_values.view(values.shape)
+        return grad, None
+
+
+def apply_rope(packed, rope, with_values=False):
     """Rotate adjacent channel pairs ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)`` of q and k.
 
     One complex multiplication in float32/float64 (in place when no gradient is recorded); elementwise
@@ -368,17 +405,21 @@ def apply_rope(packed, rope):
     Args:
         packed (Tensor): Shape (B, N, heads, 3, head_dim), q, k and v; adjacent channels form the pairs.
         rope (RotaryTables): Tables from :func:`rope_tables`.
+        with_values (bool): Also return v as a contiguous (B, N, heads * head_dim) tensor (the LePE input);
+            with autograd its gradient then joins the packed one in place (:class:`_RotateSplitValues`).
 
     Returns:
-        Tensor: The rotated packed tensor.
+        Tensor | tuple[Tensor, Tensor]: The rotated packed tensor, and v if ``with_values``.
     """
-    pairs = packed.unflatten(-1, (-1, 2))
     if packed.dtype == rope.complex.real.dtype:
-        as_complex = torch.view_as_complex(pairs)
         if not torch.is_grad_enabled():
-            as_complex.mul_(rope.complex)
-            return packed
-        return torch.view_as_real(as_complex * rope.complex).flatten(-2)
+            torch.view_as_complex(packed.unflatten(-1, (-1, 2))).mul_(rope.complex)
+            return (packed, _copy_values(packed)) if with_values else packed
+        if with_values:
+            return _RotateSplitValues.apply(packed, rope.complex)
+        return _rotate(packed, rope.complex)
     cos, sin = rope.cos.to(packed.dtype), rope.sin.to(packed.dtype)
+    pairs = packed.unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return (rotated, _copy_values(packed)) if with_values else rotated

@@ -119,9 +119,10 @@ class SECAttention(nn.Module):
     def cluster_length(self, num_tokens):
         return cluster_length(num_tokens, self.num_clusters, self.cluster_size)
 
-    def project(self, x, rope):
+    def project(self, x, rope, with_values=False):
         """x: (B, H, W, C). Returns q, k, v packed as (B, N, heads, 3, head_dim), with the rotary embedding
-        on q and k and the softmax scale on k.
+        on q and k and the softmax scale on k, and with ``with_values`` also v as (B, N, C) (the LePE input;
+        see :func:`apply_rope`).
 
         The qkv rows are regrouped per head (:meth:`per_head_qkv`; the parameter keeps the official layout),
         so the projection writes every (token, head) row of q, k and v contiguously.
@@ -129,7 +130,7 @@ class SECAttention(nn.Module):
         batch, height, width, _ = x.shape
         weight, bias = reuse_without_grad(self.qkv, 'per_head', self.per_head_qkv, self.qkv.weight, self.qkv.bias)
         packed = linear_nhwc(x, weight, bias)
-        return apply_rope(packed.view(batch, height * width, self.num_heads, 3, self.head_dim), rope)
+        return apply_rope(packed.view(batch, height * width, self.num_heads, 3, self.head_dim), rope, with_values)
 
     def per_head_qkv(self, weight, bias):
         """qkv weight and bias with rows ordered (head, q/k/v, channel) instead of (q/k/v, head, channel)."""
@@ -145,8 +146,8 @@ class SECAttention(nn.Module):
 
     def forward(self, x, rope):
         """x: (B, H, W, C); rope: tables from :func:`rope_tables`. Returns (B, H, W, C)."""
-        packed = self.project(x, rope)
-        lepe = depthwise_nhwc(self.lepe, packed[:, :, :, 2].reshape(x.shape))
+        packed, values = self.project(x, rope, with_values=True)
+        lepe = depthwise_nhwc(self.lepe, values.view(x.shape))
         out = sec_attention(packed, self.cluster_length(packed.shape[1])).view_as(x)
         return linear_nhwc(out + lepe, self.proj.weight, self.proj.bias)
 
