@@ -242,6 +242,26 @@ def test_linear_nhwc_inference_path_equals_linear():
         torch.testing.assert_close(linear_nhwc(small, weight, bias), F.linear(small, weight, bias))
 
 
+def test_linear_nhwc_training_path_matches_float64_linear_with_gradients():
+    x = torch.randn(2, 40, 33, 48, requires_grad=True)  # 1320 positions: the 1x1-convolution path
+    weight = (torch.randn(96, 48) * 0.1).requires_grad_()
+    bias = torch.randn(96, requires_grad=True)
+    grad_out = torch.randn(2, 33, 40, 96).transpose(1, 2)  # a non-contiguous incoming gradient
+    out = linear_nhwc(x, weight, bias)
+    assert out.grad_fn is not None and 'PointwiseConv' in type(out.grad_fn).__name__
+    grads = torch.autograd.grad(out, (x, weight, bias), grad_out)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    ref = F.linear(*leaves)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-4)
+    frozen = linear_nhwc(x, weight.detach(), None)  # frozen layer without bias: only the input gradient
+    (grad_x,) = torch.autograd.grad(frozen, x, grad_out)
+    torch.testing.assert_close(grad_x.double(), grad_out.double() @ weight.detach().double(), rtol=1e-5, atol=1e-4)
+
+
 def test_inference_reuses_derived_weights_until_parameters_change():
     model, other = SecViT('tiny', cluster_size=16).eval(), SecViT('tiny', cluster_size=16).eval()
     x = torch.randn(1, 3, 64, 64)

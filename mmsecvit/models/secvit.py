@@ -38,6 +38,10 @@ ARCH_ALIASES = {'t': 'tiny', 's': 'small', 'b': 'base', 'l': 'large'}
 OFFICIAL_NUM_CLUSTERS = (32, 8, 2, -1)
 MIN_INPUT_SIZE = 32
 POINTWISE_CONV_MIN_TOKENS = 1024  # see linear_nhwc
+# What a block's FFN keeps for backward in training: 'none' keeps every activation (plain autograd);
+# 'activation' keeps its input and fc1's output and recomputes the norm, GELU and depthwise conv;
+# 'all' keeps only its input and recomputes fc1 as well. See _RecomputedNormFFN.
+FFN_RECOMPUTE_MODES = ('none', 'activation', 'all')
 
 
 def resolve_arch(arch):
@@ -79,18 +83,61 @@ def per_stage(value, num_stages, name):
     return value
 
 
+def pointwise_conv(x, weight, bias=None):
+    """``F.linear`` on a (B, H, W, C) tensor as oneDNN's 1x1 convolution of its channels-last NCHW view."""
+    return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1).contiguous()
+
+
+class _PointwiseConv(torch.autograd.Function):
+    """:func:`pointwise_conv` with a backward that takes the input gradient from a 1x1 convolution with the
+    transposed weight and the weight gradient from one matmul."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return pointwise_conv(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = pointwise_conv(grad, weight.t())
+        rows = grad.view(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = rows.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def resolve_recompute_ffn(value, num_stages):
+    """Per-stage :data:`FFN_RECOMPUTE_MODES` from ``SecViT(recompute_ffn=...)``: True is 'all' in the first
+    two stages and 'activation' after them, False is 'none', a str applies to every stage."""
+    if isinstance(value, bool):
+        return tuple('all' if value and i < 2 else 'activation' if value else 'none' for i in range(num_stages))
+    modes = per_stage((value,) * num_stages if isinstance(value, str) else value, num_stages, 'recompute_ffn')
+    unknown = [mode for mode in modes if mode not in FFN_RECOMPUTE_MODES]
+    if unknown:
+        raise ValueError(f'recompute_ffn entries must be True, False or one of {FFN_RECOMPUTE_MODES}, got {unknown}')
+    return modes
+
+
 def linear_nhwc(x, weight, bias):
     """``F.linear`` on a (B, H, W, C) tensor.
 
-    When no gradient is recorded (inference, and the forward of ``_RecomputedNormFFN``), on float32 CPU
-    maps of at least ``POINTWISE_CONV_MIN_TOKENS`` positions, it runs as a 1x1 convolution of the
-    channels-last NCHW view: oneDNN's 1x1 convolution with its fused bias was 5-11% faster than the matmul
-    plus bias copy of ``F.linear`` for this model's shapes at detection resolution (and no faster on small
-    maps, or with backward). Elsewhere, and in traced graphs (FLOP counting), it is ``F.linear``.
+    On float32 CPU maps of at least ``POINTWISE_CONV_MIN_TOKENS`` positions, outside autocast and traced
+    graphs (FLOP counting), it runs as oneDNN's 1x1 convolution of the channels-last NCHW view, and so does
+    the input gradient (:class:`_PointwiseConv`): for this model's shapes at detection resolution these
+    were 5-40% faster than the matmuls of ``F.linear``. Elsewhere it is ``F.linear``.
     """
-    if (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and x.shape[1] * x.shape[2] >= POINTWISE_CONV_MIN_TOKENS and not torch.jit.is_tracing()):
-        return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1).contiguous()
+    if (x.device.type == 'cpu' and x.dtype == torch.float32 and x.shape[1] * x.shape[2] >= POINTWISE_CONV_MIN_TOKENS
+            and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing()):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _PointwiseConv.apply(x, weight, bias)
+        return pointwise_conv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -161,15 +208,16 @@ class ConvFFN(nn.Module):
         self.dwconv = nn.Conv2d(hidden_dims, hidden_dims, 3, padding=1, groups=hidden_dims)
         self.fc2 = nn.Linear(hidden_dims, embed_dims)
 
-    def hidden(self, x):
-        """fc1, GELU and the residual depthwise conv: the input of fc2."""
-        x = linear_nhwc(x, self.fc1.weight, self.fc1.bias)
-        # Without autograd, GELU overwrites fc1's output instead of allocating another (N, hidden) tensor.
-        x = F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
+    def activate(self, pre_act, inplace=False):
+        """GELU and the residual depthwise conv: fc1's output to fc2's input. ``inplace`` overwrites
+        ``pre_act`` with its GELU instead of allocating another (N, hidden) tensor."""
+        x = torch.ops.aten.gelu_(pre_act) if inplace else F.gelu(pre_act)
         return depthwise_nhwc(self.dwconv, x, residual=True)
 
     def forward(self, x):
-        return linear_nhwc(self.hidden(x), self.fc2.weight, self.fc2.bias)
+        pre_act = linear_nhwc(x, self.fc1.weight, self.fc1.bias)
+        hidden = self.activate(pre_act, inplace=not torch.is_grad_enabled())
+        return linear_nhwc(hidden, self.fc2.weight, self.fc2.bias)
 
 
 def autocast_state(device_type):
@@ -178,12 +226,19 @@ def autocast_state(device_type):
                 dtype=torch.get_autocast_dtype(device_type))
 
 
-class _RecomputedNormFFN(torch.autograd.Function):
-    """``ffn(norm(x))`` that stores only ``x`` for backward.
+def _row_grad(grad, inputs, param):
+    """Gradient of a linear layer's weight from (..., out) gradients and (..., in) inputs."""
+    rows = grad.reshape(-1, grad.shape[-1])
+    return (rows.t() @ inputs.reshape(-1, inputs.shape[-1]).to(rows.dtype)).to(param.dtype)
 
-    The backward recomputes the FFN up to fc2's input and differentiates fc2 by hand; generic
-    checkpointing would rerun fc2 as well, three tenths of the block's matmul work, for nothing.
-    Inputs after ``ffn`` are the parameters, in :meth:`params` order, so that they receive gradients.
+
+class _RecomputedNormFFN(torch.autograd.Function):
+    """``ffn(norm(x))`` that keeps for backward only ``x`` and, with ``keep_pre_act``, fc1's output.
+
+    The backward recomputes the norm, GELU and depthwise conv (and fc1's output when it was not kept) and
+    differentiates fc1 and fc2 by hand, so fc2's matmul, and with ``keep_pre_act`` fc1's, is never rerun
+    and none of the FFN's other (N, hidden) activations is kept. Inputs after ``keep_pre_act`` are the
+    parameters, in :meth:`params` order, so that they receive gradients.
     """
 
     @staticmethod
@@ -192,34 +247,51 @@ class _RecomputedNormFFN(torch.autograd.Function):
                 ffn.fc2.weight, ffn.fc2.bias)
 
     @staticmethod
-    def forward(ctx, x, norm, ffn, *params):
-        ctx.save_for_backward(x)
+    def forward(ctx, x, norm, ffn, keep_pre_act, *params):
+        pre_act = linear_nhwc(norm(x), ffn.fc1.weight, ffn.fc1.bias)
+        ctx.save_for_backward(x, pre_act if keep_pre_act else None)
         ctx.norm, ctx.ffn = norm, ffn
         ctx.autocast = autocast_state(x.device.type)
-        return ffn(norm(x))
+        return linear_nhwc(ffn.activate(pre_act, inplace=not keep_pre_act), ffn.fc2.weight, ffn.fc2.bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        needs_grad = ctx.needs_input_grad
-        inputs = [x.detach().requires_grad_(needs_grad[0]), *_RecomputedNormFFN.params(ctx.norm, ctx.ffn)[:6]]
+        x, pre_act = ctx.saved_tensors
+        # needs_input_grad: x (0), norm weight/bias (4, 5), fc1 (6, 7), dwconv (8, 9), fc2 (10, 11).
+        needs = ctx.needs_input_grad
+        norm, ffn = ctx.norm, ctx.ffn
+        grads = [None] * len(needs)
         with torch.enable_grad(), torch.autocast(**ctx.autocast):
-            hidden = ctx.ffn.hidden(ctx.norm(inputs[0]))
-        fc2 = ctx.ffn.fc2
-        grad_rows = grad_out.reshape(-1, grad_out.shape[-1]).to(hidden.dtype)
-        grad_fc2_weight = grad_fc2_bias = None
-        if needs_grad[-2]:
-            grad_fc2_weight = (grad_rows.t() @ hidden.reshape(-1, hidden.shape[-1])).to(fc2.weight.dtype)
-        if needs_grad[-1]:
-            grad_fc2_bias = grad_rows.sum(0).to(fc2.bias.dtype)
-        # Gradients of x and of the parameters before fc2 (input positions 0 and 3..8).
-        wanted = [i for i, needed in enumerate([needs_grad[0], *needs_grad[3:9]]) if needed]
-        grads = [None] * len(inputs)
-        if wanted:
-            grad_hidden = (grad_rows @ fc2.weight.to(hidden.dtype)).view_as(hidden)
-            for i, grad in zip(wanted, torch.autograd.grad(hidden, [inputs[i] for i in wanted], grad_hidden)):
+            x = x.detach().requires_grad_(needs[0])
+            normed = norm(x)
+            if pre_act is None:
+                with torch.no_grad():
+                    pre_act = linear_nhwc(normed, ffn.fc1.weight, ffn.fc1.bias)
+            pre_act = pre_act.detach().requires_grad_()
+            hidden = ffn.activate(pre_act)
+        grad_out = grad_out.to(hidden.dtype)
+        if needs[10]:
+            grads[10] = _row_grad(grad_out, hidden, ffn.fc2.weight)
+        if needs[11]:
+            grads[11] = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ffn.fc2.bias.dtype)
+        if not any(needs[:10]):
+            return tuple(grads)
+        grad_hidden = linear_nhwc(grad_out, ffn.fc2.weight.t().to(hidden.dtype), None)
+        dw_inputs = [(i, t) for i, t in ((8, ffn.dwconv.weight), (9, ffn.dwconv.bias)) if needs[i]]
+        grad_pre_act, *dw_grads = torch.autograd.grad(hidden, [pre_act] + [t for _, t in dw_inputs], grad_hidden)
+        for (i, _), grad in zip(dw_inputs, dw_grads):
+            grads[i] = grad
+        if needs[6]:
+            grads[6] = _row_grad(grad_pre_act, normed, ffn.fc1.weight)
+        if needs[7]:
+            grads[7] = grad_pre_act.reshape(-1, grad_pre_act.shape[-1]).sum(0).to(ffn.fc1.bias.dtype)
+        norm_inputs = [(i, t) for i, t in ((0, x), (4, norm.weight), (5, norm.bias)) if needs[i]]
+        if norm_inputs:
+            grad_normed = linear_nhwc(grad_pre_act, ffn.fc1.weight.t().to(grad_pre_act.dtype), None)
+            for (i, _), grad in zip(norm_inputs, torch.autograd.grad(
+                    normed, [t for _, t in norm_inputs], grad_normed.to(normed.dtype))):
                 grads[i] = grad
-        return grads[0], None, None, *grads[1:], grad_fc2_weight, grad_fc2_bias
+        return tuple(grads)
 
 
 class SecViTBlock(nn.Module):
@@ -233,12 +305,14 @@ class SecViTBlock(nn.Module):
         cluster_size (int): See :class:`SECAttention`.
         drop_path (float): Stochastic depth rate.
         layer_scale_init (float | None): Initial layer scale; None disables layer scale.
-        recompute_ffn (bool): Keep only the FFN's input for backward and recompute its activations.
+        recompute_ffn (str): What the FFN keeps for backward in training (see :data:`FFN_RECOMPUTE_MODES`).
     """
 
     def __init__(self, embed_dims, num_heads, mlp_ratio=3.0, num_clusters=-1, cluster_size=-1, drop_path=0.0,
-                 layer_scale_init=None, recompute_ffn=False):
+                 layer_scale_init=None, recompute_ffn='none'):
         super().__init__()
+        if recompute_ffn not in FFN_RECOMPUTE_MODES:
+            raise ValueError(f'recompute_ffn must be one of {FFN_RECOMPUTE_MODES}, got {recompute_ffn!r}')
         self.recompute_ffn = recompute_ffn
         self.cpe = nn.Conv2d(embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
         self.norm1 = nn.LayerNorm(embed_dims, eps=1e-6)
@@ -257,8 +331,9 @@ class SecViTBlock(nn.Module):
         attn = self.attn(self.norm1(x), rope)
         x = x + self.drop_path(attn if self.gamma1 is None else self.gamma1 * attn)
         params = _RecomputedNormFFN.params(self.norm2, self.ffn)
-        if self.recompute_ffn and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
-            ffn = _RecomputedNormFFN.apply(x, self.norm2, self.ffn, *params)
+        if (self.recompute_ffn != 'none' and torch.is_grad_enabled()
+                and any(t.requires_grad for t in (x, *params))):
+            ffn = _RecomputedNormFFN.apply(x, self.norm2, self.ffn, self.recompute_ffn == 'activation', *params)
         else:
             ffn = self.ffn(self.norm2(x))
         return x + self.drop_path(ffn if self.gamma2 is None else self.gamma2 * ffn)
@@ -369,9 +444,12 @@ class SecViT(BaseModule):
         frozen_stages (int): Freeze the stem (0) and the first ``frozen_stages`` stages; -1 freezes nothing.
         norm_eval (bool): Keep batch norms in eval mode while training.
         with_cp (bool): Use (non-reentrant) gradient checkpointing in every block.
-        recompute_ffn (bool): In training, store only each FFN's input and recompute the FFN in backward
-            (no randomness inside, so results are unchanged). The FFN holds over half of a block's
-            activations: this halves training memory for about 15% more compute. Implied by ``with_cp``.
+        recompute_ffn (bool | str | Sequence[str]): What each FFN keeps for backward in training, for all
+            stages or per stage (results are unchanged: nothing inside the FFN is random). 'none': every
+            activation; 'activation': its input and fc1's output, recomputing GELU and the depthwise conv;
+            'all': only its input, recomputing fc1 too. True (default) is 'all' in stages 1-2, whose
+            activations are largest for their compute, and 'activation' after them; False is 'none'.
+            Not used with ``with_cp``, which recomputes whole blocks.
         pretrained (str | None): Deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
         init_cfg (dict | None): ``dict(type='Pretrained', checkpoint=PATH)`` loads an mmsecvit or an official
             SecViT classification checkpoint (converted on the fly; head weights are dropped).
@@ -427,6 +505,7 @@ class SecViT(BaseModule):
         if drop_path_rate is None:
             drop_path_rate = settings['drop_path_rate']
         drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        recompute_modes = resolve_recompute_ffn(recompute_ffn, self.num_stages)
 
         self.patch_embed = build_stem(self.embed_dims[0], norm_cfg)
         self.stages = nn.ModuleList()
@@ -442,7 +521,7 @@ class SecViT(BaseModule):
                 num_clusters=self.num_clusters[i],
                 cluster_size=self.cluster_size[i],
                 layer_scale_init=layer_scale_init if settings['layer_scale'][i] else None,
-                recompute_ffn=recompute_ffn and not with_cp))
+                recompute_ffn='none' if with_cp else recompute_modes[i]))
         for i in self.out_indices:
             norm = nn.Identity() if out_norm_cfg is None else build_norm_layer(out_norm_cfg, self.embed_dims[i])[1]
             self.add_module(f'norm{i}', norm)
