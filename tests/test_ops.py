@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmcv.cnn.bricks.drop import drop_path as mmcv_drop_path
 
 from mmsecvit import SecViT
 from mmsecvit.models.compiled import _kernels, kernel_available
 from mmsecvit.models.depthwise_conv import depthwise_nhwc, depthwise_weight_grad
 from mmsecvit.models.sec_attention import apply_rope, rope_angles, rope_tables
-from mmsecvit.models.secvit import linear_nhwc
+from mmsecvit.models.secvit import linear_nhwc, residual_add
 
 sec_attention_module = importlib.import_module('mmsecvit.models.sec_attention')
 depthwise_conv_module = importlib.import_module('mmsecvit.models.depthwise_conv')
@@ -228,6 +229,25 @@ def test_rope_with_values_backward_equals_plain_autograd(used):
     (grad,) = torch.autograd.grad(loss(rotated, values), packed)
     (plain_grad,) = torch.autograd.grad(loss(plain_rotated, plain_values), packed)
     torch.testing.assert_close(grad, plain_grad)
+
+
+@pytest.mark.parametrize('with_gamma', [False, True])
+def test_residual_add_equals_mmcv_drop_path(with_gamma):
+    x, branch = torch.randn(64, 3, 4, 8, requires_grad=True), torch.randn(64, 3, 4, 8, requires_grad=True)
+    gamma = torch.rand(8, requires_grad=True) if with_gamma else None
+    scaled = (lambda b: b) if gamma is None else (lambda b: gamma * b)
+    torch.manual_seed(3)
+    out = residual_add(x, branch, gamma, 0.3, training=True)
+    torch.manual_seed(3)
+    expected = x + mmcv_drop_path(scaled(branch), 0.3, training=True)
+    torch.testing.assert_close(out, expected)
+    dropped = (out.detach() == x.detach()).flatten(1).all(1)
+    assert 0 < dropped.sum() < len(dropped)  # some samples drop the branch, the others keep it
+    leaves = [t for t in (x, branch, gamma) if t is not None]
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(residual_add(x, branch, gamma, 0.3, training=False), x + scaled(branch))
 
 
 def test_linear_nhwc_inference_path_equals_linear():
