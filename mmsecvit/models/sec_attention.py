@@ -328,7 +328,7 @@ def rope_angles(head_dim, device=None):
 
 class RotaryTables(NamedTuple):
     """Per-token rotations of q, k and v (identity), shape (N, 1, 3, head_dim // 2): they broadcast over
-    packed (B, N, heads, 3, pairs)."""
+    packed (B, N, heads, 3, pairs). ``cos`` and ``sin`` are views of ``complex``."""
     cos: torch.Tensor
     sin: torch.Tensor
     complex: torch.Tensor  # cos + i sin, for the float32/float64 path
@@ -337,8 +337,9 @@ class RotaryTables(NamedTuple):
 def rope_tables(height, width, angle, key_scale=1.0):
     """Rotations of q and k for every token of an ``height x width`` map (v is left unrotated).
 
-    The first half of the channel pairs rotate with the row index, the second half with the column index.
-    The key rotation also carries the softmax scale.
+    The first half of the channel pairs rotate with the row index, the second half with the column index,
+    so the sines and cosines are computed per row and per column and only copied out per token. The key
+    rotation also carries the softmax scale.
 
     Args:
         height, width (int): Feature map size.
@@ -349,14 +350,19 @@ def rope_tables(height, width, angle, key_scale=1.0):
         RotaryTables: one value per channel pair for q (index 0), k (index 1) and v (index 2, identity).
     """
     half = angle[::2]  # one frequency per rotated pair
-    rows = torch.arange(height, device=angle.device, dtype=angle.dtype)[:, None] * half
-    cols = torch.arange(width, device=angle.device, dtype=angle.dtype)[:, None] * half
-    theta = torch.cat([rows[:, None, :].expand(-1, width, -1), cols[None, :, :].expand(height, -1, -1)], dim=-1)
-    theta = theta.flatten(0, 1)[:, None, None, :] * torch.tensor([1.0, 1.0, 0.0], dtype=angle.dtype,
-                                                                  device=angle.device)[:, None]
-    scale = torch.tensor([1.0, key_scale, 1.0], device=angle.device, dtype=angle.dtype)[:, None]
-    cos, sin = theta.cos() * scale, theta.sin() * scale
-    return RotaryTables(cos, sin, torch.complex(cos, sin))
+
+    def rotations(length):
+        theta = torch.arange(length, device=angle.device, dtype=angle.dtype)[:, None] * half
+        return torch.polar(torch.ones_like(theta), theta)
+
+    rows, cols = rotations(height), rotations(width)
+    rotation = rows.new_empty(height, width, 3, 2 * half.numel())
+    rotation[:, :, 0] = torch.cat([rows[:, None, :].expand(-1, width, -1), cols[None].expand(height, -1, -1)], -1)
+    torch.mul(rotation[:, :, 0], key_scale, out=rotation[:, :, 1])
+    rotation[:, :, 2] = 1
+    rotation = rotation.view(height * width, 1, 3, -1)
+    real = torch.view_as_real(rotation)
+    return RotaryTables(real[..., 0], real[..., 1], rotation)
 
 
 def _rotate(packed, rotation):
