@@ -87,6 +87,17 @@ def pointwise_conv(x, weight, bias=None):
     return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1).contiguous()
 
 
+def _row_grad(grad, inputs, param):
+    """Gradient of a linear layer's weight from (..., out) gradients and (..., in) inputs."""
+    rows = grad.reshape(-1, grad.shape[-1])
+    return (rows.t() @ inputs.reshape(-1, inputs.shape[-1]).to(rows.dtype)).to(param.dtype)
+
+
+def _bias_grad(grad, param):
+    """Gradient of a linear layer's bias from (..., out) gradients."""
+    return grad.reshape(-1, grad.shape[-1]).sum(0).to(param.dtype)
+
+
 class _PointwiseConv(torch.autograd.Function):
     """:func:`pointwise_conv` with a backward that takes the input gradient from a 1x1 convolution with the
     transposed weight and the weight gradient from one matmul."""
@@ -104,11 +115,10 @@ class _PointwiseConv(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = pointwise_conv(grad, weight.t())
-        rows = grad.view(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_weight = rows.t() @ x.reshape(-1, x.shape[-1])
+            grad_weight = _row_grad(grad, x, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(0)
+            grad_bias = _bias_grad(grad, weight)
         return grad_x, grad_weight, grad_bias
 
 
@@ -225,12 +235,6 @@ def autocast_state(device_type):
                 dtype=torch.get_autocast_dtype(device_type))
 
 
-def _row_grad(grad, inputs, param):
-    """Gradient of a linear layer's weight from (..., out) gradients and (..., in) inputs."""
-    rows = grad.reshape(-1, grad.shape[-1])
-    return (rows.t() @ inputs.reshape(-1, inputs.shape[-1]).to(rows.dtype)).to(param.dtype)
-
-
 class _RecomputedNormFFN(torch.autograd.Function):
     """``ffn(norm(x))`` that keeps for backward only ``x`` and, with ``keep_pre_act``, fc1's output.
 
@@ -272,7 +276,7 @@ class _RecomputedNormFFN(torch.autograd.Function):
         if needs[10]:
             grads[10] = _row_grad(grad_out, hidden, ffn.fc2.weight)
         if needs[11]:
-            grads[11] = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ffn.fc2.bias.dtype)
+            grads[11] = _bias_grad(grad_out, ffn.fc2.bias)
         if not any(needs[:10]):
             return tuple(grads)
         grad_hidden = linear_nhwc(grad_out, ffn.fc2.weight.t().to(hidden.dtype), None)
@@ -283,7 +287,7 @@ class _RecomputedNormFFN(torch.autograd.Function):
         if needs[6]:
             grads[6] = _row_grad(grad_pre_act, normed, ffn.fc1.weight)
         if needs[7]:
-            grads[7] = grad_pre_act.reshape(-1, grad_pre_act.shape[-1]).sum(0).to(ffn.fc1.bias.dtype)
+            grads[7] = _bias_grad(grad_pre_act, ffn.fc1.bias)
         norm_inputs = [(i, t) for i, t in ((0, x), (4, norm.weight), (5, norm.bias)) if needs[i]]
         if norm_inputs:
             grad_normed = linear_nhwc(grad_pre_act, ffn.fc1.weight.t().to(grad_pre_act.dtype), None)
