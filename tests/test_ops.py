@@ -12,7 +12,8 @@ from mmcv.cnn.bricks.drop import drop_path as mmcv_drop_path
 
 from mmsecvit import SecViT
 from mmsecvit.models.compiled import _kernels, kernel_available
-from mmsecvit.models.depthwise_conv import depthwise_nhwc, depthwise_weight_grad
+from mmsecvit.models.depthwise_conv import (depthwise_nhwc, depthwise_weight_grad, gelu_depthwise_grads,
+                                            gelu_depthwise_nhwc)
 from mmsecvit.models.sec_attention import apply_rope, rope_angles, rope_tables
 from mmsecvit.models.secvit import linear_nhwc, residual_add
 
@@ -51,87 +52,165 @@ def test_depthwise_gradients_match_pytorch(kernel_size, residual, dtype):
 @pytest.mark.parametrize('compiled', [True, False], ids=['compiled', 'pytorch'])
 @pytest.mark.parametrize('batch, channels, height, width, kernel_size',
                          [(1, 64, 37, 53, 5), (2, 70, 9, 11, 3), (2, 20, 7, 5, 5), (1, 17, 3, 2, 5), (1, 6, 4, 4, 3)])
-def test_depthwise_weight_grad_float32_tolerance(compiled, batch, channels, height, width, kernel_size, monkeypatch):
+def test_depthwise_weight_grad_float32_tolerance(compiled, batch, channels, height, width, kernel_size):
     # Channel counts that are not multiples of 16 and maps smaller than the kernel included.
     if compiled and not kernel_available():
         pytest.skip(NO_KERNEL)
-    monkeypatch.setattr(depthwise_conv_module, 'kernel_available', lambda: compiled)
     shape = (batch, channels, height, width)
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     expected = torch.nn.grad.conv2d_weight(x.double(), (channels, 1, kernel_size, kernel_size), grad.double(),
                                            padding=kernel_size // 2, groups=channels)
-    result = depthwise_weight_grad(x, grad, kernel_size)
+    if compiled:
+        weight = torch.randn(channels, 1, kernel_size, kernel_size)
+        result = _kernels.depthwise_backward(x.permute(0, 2, 3, 1), grad.permute(0, 2, 3, 1), weight,
+                                             input_grad=False)[1]
+    else:
+        result = depthwise_weight_grad(x, grad, kernel_size)
     assert result.shape == expected.shape
     assert (result.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-@needs_kernel
-def test_depthwise_kernel_checks_its_inputs():
-    x = torch.randn(1, 8, 8, 16)
-    with pytest.raises(RuntimeError, match='kernel_size must be 3 or 5'):
-        _kernels.depthwise_weight_grad(x, x, 7)
-    with pytest.raises(RuntimeError, match='contiguous'):
-        _kernels.depthwise_weight_grad(x.transpose(1, 2), x, 3)
-    with pytest.raises(RuntimeError, match="input's shape"):
-        _kernels.depthwise_weight_grad(x, x[:, :4], 3)
+def float64_depthwise(x, weight, bias, gelu):
+    """Reference: (B, H, W, C) float64 depthwise convolution of x or of gelu(x), with gradients."""
+    x, weight = x.double(), weight.double()
+    bias = None if bias is None else bias.double()
+    return F.conv2d((F.gelu(x) if gelu else x).permute(0, 3, 1, 2), weight, bias, padding=weight.shape[-1] // 2,
+                    groups=weight.shape[0]).permute(0, 2, 3, 1)
+
+
+def assert_float32_close(got, want):
+    """Float32 results against a float64 reference: within 1e-5 of it, relative to its largest magnitude
+    where that is above 1 (sums over many positions)."""
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+KERNEL_CASES = [(2, 7, 9, 20, 3), (1, 1, 1, 16, 5), (1, 3, 2, 33, 5), (2, 13, 17, 64, 5), (1, 6, 11, 48, 3),
+                (3, 10, 12, 40, 3)]
 
 
 @needs_kernel
-@pytest.mark.parametrize('batch, height, width, channels, kernel_size',
-                         [(2, 7, 9, 20, 3), (1, 1, 1, 16, 5), (1, 3, 2, 33, 5), (2, 13, 17, 64, 5), (1, 6, 11, 48, 3)])
-def test_depthwise_conv_kernel_equals_conv2d(batch, height, width, channels, kernel_size):
-    # Channel counts that are not multiples of 16, maps smaller than the kernel, with and without bias.
-    x = torch.randn(batch, height, width, channels)
+@pytest.mark.parametrize('gelu', [False, True])
+@pytest.mark.parametrize('batch, height, width, channels, kernel_size', KERNEL_CASES)
+def test_depthwise_kernels_equal_float64(batch, height, width, channels, kernel_size, gelu):
+    # Channel counts that are not multiples of 16, maps smaller than the kernel, batches, with and without
+    # GELU on the input: the forward, and every gradient of the one-pass backward.
+    x = 2 * torch.randn(batch, height, width, channels)
     weight = torch.randn(channels, 1, kernel_size, kernel_size)
-    for bias in (torch.randn(channels), None):
-        expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), None if bias is None else bias.double(),
-                            padding=kernel_size // 2, groups=channels).permute(0, 2, 3, 1)
-        result = _kernels.depthwise_conv(x, weight, bias)
-        assert result.is_contiguous() and result.shape == x.shape
-        torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+    bias = torch.randn(channels)
+    grad = torch.randn(batch, height, width, channels)
+    reference = [t.double().requires_grad_() for t in (x, weight, bias)]
+    expected = float64_depthwise(*reference, gelu)
+    expected_grads = torch.autograd.grad(expected, reference, grad.double())
+    result = _kernels.depthwise_forward(x, weight, bias, gelu)
+    assert result.is_contiguous() and result.shape == x.shape
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_kernels.depthwise_forward(x, weight, None, gelu).double(), expected - bias.double(),
+                               rtol=0, atol=1e-5)
+    grad_x, grad_weight, grad_bias, grad_sum, output = _kernels.depthwise_backward(x, grad, weight, gelu)
+    for got, want in zip((grad_x, grad_weight, grad_bias), expected_grads):
+        assert_float32_close(got, want)
+    if gelu:  # the input gradient's channel sums
+        assert_float32_close(grad_sum, expected_grads[0].sum((0, 1, 2)))
+    else:
+        assert grad_sum is None
+    assert output is None
+    # On request, the forward's output too (the same rows, from the backward's pass).
+    again = _kernels.depthwise_backward(x, grad, weight, gelu, bias=bias, with_output=True)
+    torch.testing.assert_close(again[4], result, rtol=0, atol=0)
+    torch.testing.assert_close(again[1], grad_weight, rtol=0, atol=0)
 
 
 @needs_kernel
-def test_depthwise_conv_kernel_reads_strided_positions():
+@pytest.mark.parametrize('gelu', [False, True])
+def test_depthwise_kernels_read_strided_positions(gelu):
     # A channel slice of a wider tensor (e.g. v of packed q/k/v): positions are 3 * C apart.
-    wide = torch.randn(2, 9, 10, 3 * 48)
-    x = wide[..., 96:]
+    wide, wide_grad = torch.randn(2, 9, 10, 3 * 48), torch.randn(2, 9, 10, 3 * 48)
+    x, grad = wide[..., 96:], wide_grad[..., :48]
     weight = torch.randn(48, 1, 5, 5)
-    expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), padding=2, groups=48).permute(0, 2, 3, 1)
-    torch.testing.assert_close(_kernels.depthwise_conv(x, weight).double(), expected, rtol=0, atol=1e-5)
+    reference = [x.double().requires_grad_(), weight.double().requires_grad_()]
+    expected = float64_depthwise(*reference, None, gelu)
+    torch.testing.assert_close(_kernels.depthwise_forward(x, weight, None, gelu).double(), expected, rtol=0, atol=1e-5)
+    result = _kernels.depthwise_backward(x, grad, weight, gelu)
+    for got, want in zip(result, torch.autograd.grad(expected, reference, grad.double())):
+        assert_float32_close(got, want)
 
 
 @needs_kernel
-def test_depthwise_conv_kernel_checks_its_inputs():
+def test_depthwise_kernels_check_their_inputs():
     x = torch.randn(1, 8, 8, 16)
+    weight = torch.randn(16, 1, 3, 3)
     with pytest.raises(RuntimeError, match='kernel_size must be 3 or 5'):
-        _kernels.depthwise_conv(x, torch.randn(16, 1, 7, 7))
+        _kernels.depthwise_forward(x, torch.randn(16, 1, 7, 7))
+    with pytest.raises(RuntimeError, match='kernel_size must be 3 or 5'):
+        _kernels.depthwise_backward(x, x, torch.randn(16, 1, 7, 7))
     with pytest.raises(RuntimeError, match='contiguous channels'):
-        _kernels.depthwise_conv(x.transpose(2, 3), torch.randn(8, 1, 3, 3))
+        _kernels.depthwise_forward(x.transpose(2, 3), torch.randn(8, 1, 3, 3))
     with pytest.raises(RuntimeError, match='C = 16'):
-        _kernels.depthwise_conv(x, torch.randn(8, 1, 3, 3))
+        _kernels.depthwise_forward(x, torch.randn(8, 1, 3, 3))
     with pytest.raises(RuntimeError, match='bias must be'):
-        _kernels.depthwise_conv(x, torch.randn(16, 1, 3, 3), torch.randn(8))
+        _kernels.depthwise_forward(x, weight, torch.randn(8))
+    with pytest.raises(RuntimeError, match="input's shape"):
+        _kernels.depthwise_backward(x, x[:, :4], weight)
+    with pytest.raises(RuntimeError, match='contiguous channels'):
+        _kernels.depthwise_backward(x, x.transpose(2, 3), weight)
 
 
 @pytest.mark.parametrize('kernel_size', [3, 5])
-def test_small_inference_maps_use_the_compiled_depthwise_conv(kernel_size, monkeypatch):
-    # Below KERNEL_MAX_VALUES the no-grad path takes the compiled kernel (where built); either way it equals
-    # PyTorch's convolution, with the residual folded in.
+def test_inference_depthwise_conv_uses_the_compiled_kernel(kernel_size, monkeypatch):
+    # The no-grad path takes the compiled kernel (where built) for 3x3 kernels on every map and for 5x5 up to
+    # KERNEL_MAX_VALUES_5X5; either way it equals PyTorch's convolution, with the residual folded in.
     calls = []
     if kernel_available():
         monkeypatch.setattr(depthwise_conv_module, '_kernels', type('Spy', (), {
-            'depthwise_conv': staticmethod(lambda *args: calls.append(1) or _kernels.depthwise_conv(*args))}))
+            'depthwise_forward': staticmethod(lambda *args: calls.append(1) or _kernels.depthwise_forward(*args))}))
     conv = nn.Conv2d(32, 32, kernel_size, padding=kernel_size // 2, groups=32)
     x = torch.randn(1, 14, 14, 32)
     with torch.no_grad():
         for residual in (False, True):
             torch.testing.assert_close(depthwise_nhwc(conv, x, residual), reference_depthwise(conv, x, residual))
         assert len(calls) == (2 if kernel_available() else 0)
-        monkeypatch.setattr(depthwise_conv_module, 'KERNEL_MAX_VALUES', x.numel() - 1)
+        monkeypatch.setattr(depthwise_conv_module, 'KERNEL_MAX_VALUES_5X5', x.numel() - 1)
         torch.testing.assert_close(depthwise_nhwc(conv, x), reference_depthwise(conv, x, False))
-        assert len(calls) == (2 if kernel_available() else 0)  # larger maps stay with oneDNN
+        # Larger maps stay with oneDNN for 5x5 kernels.
+        assert len(calls) == (3 if kernel_available() and kernel_size == 3 else 2 if kernel_available() else 0)
+
+
+@pytest.mark.parametrize('compiled', [True, False], ids=['compiled', 'pytorch'])
+@pytest.mark.parametrize('residual', [False, True])
+def test_gelu_depthwise_equals_gelu_then_conv(compiled, residual, monkeypatch):
+    # The FFN's GELU and depthwise conv, in inference, with autograd, and as gradients without autograd state
+    # (what the FFN recomputation uses), against float64 GELU + conv; also with a frozen weight and no bias.
+    if compiled and not kernel_available():
+        pytest.skip(NO_KERNEL)
+    monkeypatch.setattr(depthwise_conv_module, 'kernel_available', lambda: compiled)
+    conv = nn.Conv2d(40, 40, 3, padding=1, groups=40)
+    x = 2 * torch.randn(2, 9, 13, 40)
+    grad = torch.randn(2, 9, 13, 40)
+    expected_conv = nn.Conv2d(40, 40, 3, padding=1, groups=40).double()
+    expected_conv.load_state_dict(conv.state_dict())
+    reference_x = x.double().requires_grad_()
+    expected = reference_depthwise(expected_conv, F.gelu(reference_x), residual)
+    params = [reference_x, expected_conv.weight, expected_conv.bias]
+    expected_grads = torch.autograd.grad(expected, params, grad.double())
+    with torch.no_grad():
+        torch.testing.assert_close(gelu_depthwise_nhwc(conv, x, residual).double(), expected, rtol=0, atol=1e-5)
+    x.requires_grad_()
+    out = gelu_depthwise_nhwc(conv, x, residual)
+    assert ('GeluDepthwiseConv' in type(out.grad_fn.next_functions[0][0]).__name__) == compiled
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out, [x, conv.weight, conv.bias], grad), expected_grads):
+        assert_float32_close(got, want)
+    results = gelu_depthwise_grads(conv, x.detach(), grad, residual)
+    for got, want in zip(results, expected_grads + (expected_grads[0].sum((0, 1, 2)), expected.detach())):
+        assert_float32_close(got, want)
+    frozen = nn.Conv2d(40, 40, 3, padding=1, groups=40, bias=False).requires_grad_(False)
+    grad_x, grad_weight, grad_bias, _, _ = gelu_depthwise_grads(frozen, x.detach(), grad, residual)
+    assert grad_bias is None and (grad_weight is None) != compiled  # the compiled pass gives the weight's anyway
+    with torch.enable_grad():
+        reference = reference_depthwise(frozen.double(), F.gelu(reference_x), residual)
+    assert_float32_close(grad_x, torch.autograd.grad(reference, reference_x, grad.double())[0])
 
 
 def test_depthwise_falls_back_outside_its_case():

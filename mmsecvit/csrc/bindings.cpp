@@ -12,9 +12,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("semantic_order", &mmsecvit::semantic_order,
         "Tokens of every (image, head) ranked by the cosine similarity of their key to the keys' sum: (B, heads, N)",
         py::arg("rows"), py::arg("batch"), py::arg("tokens"), py::arg("heads"));
-  m.def("depthwise_conv", &mmsecvit::depthwise_conv,
-        "Stride-1 'same' depthwise convolution of a (B, H, W, C) tensor with a (C, 1, k, k) weight and optional bias",
-        py::arg("input"), py::arg("weight"), py::arg("bias") = py::none());
-  m.def("depthwise_weight_grad", &mmsecvit::depthwise_weight_grad,
-        "Weight gradient (C, 1, k, k) of a stride-1 'same' depthwise convolution of (B, H, W, C) tensors");
+  m.def("depthwise_forward", &mmsecvit::depthwise_forward,
+        "Stride-1 'same' depthwise convolution of a (B, H, W, C) tensor (of its GELU with gelu_input) with a "
+        "(C, 1, k, k) weight and optional bias",
+        py::arg("input"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("gelu_input") = false);
+  m.def("depthwise_backward", &mmsecvit::depthwise_backward,
+        "Gradients of depthwise_forward from the output gradient: [input, weight, bias, input channel sums] and, "
+        "with with_output, the forward's output",
+        py::arg("input"), py::arg("grad_output"), py::arg("weight"), py::arg("gelu_input") = false,
+        py::arg("input_grad") = true, py::arg("bias") = py::none(), py::arg("with_output") = false);
 }

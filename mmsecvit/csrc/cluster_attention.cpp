@@ -20,6 +20,10 @@
 #include <cstring>
 #include <vector>
 
+#ifdef MMSECVIT_AVX512
+#include "vector_math.h"
+#endif
+
 namespace mmsecvit {
 namespace {
 
@@ -28,25 +32,6 @@ constexpr int kMaxCluster = 256;  // longer clusters (global attention) are left
 #ifdef MMSECVIT_AVX512
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,fma")
-
-// exp(x) for x <= 0: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and p the degree-7 Taylor polynomial
-// (truncation error below 1e-8, so float32 rounding dominates); inputs below -87.3 give exp(-87.3).
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // out[r][j] = a[r] . bt[:, j] for 3 rows and NJ vectors of 16 columns; bt is (D, ld) (a transposed matrix).
 template <int D, int NJ>

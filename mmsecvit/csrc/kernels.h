@@ -31,12 +31,16 @@ at::Tensor cluster_attention_backward(const at::Tensor& rows, const at::Tensor& 
 // Ranked token indices (B, heads, N) of SEC attention from packed q/k/v rows (semantic_order.cpp).
 at::Tensor semantic_order(const at::Tensor& rows, int64_t batch, int64_t tokens, int64_t heads);
 
-// Stride-1 "same" depthwise convolution of a (B, H, W, C) tensor with contiguous channels; returns a
-// contiguous (B, H, W, C) tensor (depthwise_conv.cpp).
-at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+// Stride-1 "same" depthwise convolution of a (B, H, W, C) tensor with contiguous channels, optionally of the
+// exact GELU of the input; returns a contiguous (B, H, W, C) tensor (depthwise.cpp).
+at::Tensor depthwise_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             bool gelu_input);
 
-// Weight gradient of a stride-1 "same" depthwise convolution on (B, H, W, C) tensors
-// (depthwise_weight_grad.cpp).
-at::Tensor depthwise_weight_grad(const at::Tensor& input, const at::Tensor& grad_output, int64_t kernel_size);
+// Its backward in one pass: [input gradient (undefined unless input_grad), weight gradient (C, 1, k, k), bias
+// gradient (C), channel sums of the input gradient (with gelu_input and input_grad, else undefined), the
+// forward's output with `bias` (with with_output, else undefined)].
+std::vector<at::Tensor> depthwise_backward(const at::Tensor& input, const at::Tensor& grad_output,
+                                           const at::Tensor& weight, bool gelu_input, bool input_grad,
+                                           const c10::optional<at::Tensor>& bias, bool with_output);
 
 }  // namespace mmsecvit

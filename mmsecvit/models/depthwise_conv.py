@@ -1,11 +1,13 @@
-"""Depthwise convolution on (B, H, W, C) tensors, with a faster CPU backward and, on small maps, forward.
+"""Depthwise convolution on (B, H, W, C) tensors, alone or of the GELU of its input, with compiled CPU kernels.
 
 On the CPU, PyTorch's depthwise convolution backward (oneDNN) takes about eight times as long as the
-forward for the input gradient, and a 5x5 kernel's weight gradient is slower still. Both have cheap
-equivalents: the input gradient of a stride-1 "same" depthwise convolution is the same convolution
-with the kernel flipped, and the weight gradient comes from the compiled kernel (mmsecvit/csrc) or,
-without it, from 3x3 weight gradients (the fast oneDNN case) of shifted windows of the padded input.
-On small maps the convolution itself comes from a compiled kernel too (see ``_same_conv``).
+forward for the input gradient, and a 5x5 kernel's weight gradient is slower still; the FFN's GELU before
+its depthwise convolution costs two more passes over the largest activations each way. The compiled
+kernels (mmsecvit/csrc/depthwise.cpp, float32 3x3 and 5x5) do the forward, with or without GELU, in one
+pass, and the whole backward (input, weight and bias gradients, and GELU's) in another. Without them, the
+input gradient of a stride-1 "same" depthwise convolution is the same convolution with the kernel
+flipped, and the weight gradient comes from 3x3 weight gradients (the fast oneDNN case) of shifted windows
+of the padded input.
 """
 import torch
 import torch.nn.functional as F
@@ -22,11 +24,9 @@ def _weight_grad_3x3(x, grad, channels, padding):
 
 
 def depthwise_weight_grad(x, grad, kernel_size):
-    """Gradient of a stride-1, zero-padded ("same") depthwise convolution's weight.
-
-    Float32 3x3 and 5x5 kernels go to the compiled kernel when it is available (mmsecvit/csrc, 1.2-2x
-    faster than oneDNN for 3x3 and about 4x for 5x5 on this model's shapes); otherwise 3x3 uses oneDNN
-    and larger kernels are assembled from 3x3 weight gradients of shifted windows.
+    """Gradient of a stride-1, zero-padded ("same") depthwise convolution's weight, with PyTorch operations
+    (the compiled backward computes it with the other gradients): 3x3 from oneDNN, larger kernels assembled
+    from 3x3 weight gradients of shifted windows.
 
     Args:
         x (Tensor): Convolution input, (B, C, H, W).
@@ -37,10 +37,6 @@ def depthwise_weight_grad(x, grad, kernel_size):
         Tensor: (C, 1, k, k).
     """
     channels = x.shape[1]
-    if (kernel_size in (3, 5) and x.device.type == 'cpu' and x.dtype == grad.dtype == torch.float32
-            and kernel_available()):
-        nhwc = [t.permute(0, 2, 3, 1).contiguous() for t in (x, grad)]
-        return _kernels.depthwise_weight_grad(*nhwc, kernel_size)
     if kernel_size == 3:
         return _weight_grad_3x3(x, grad, channels, 1)
     pad = kernel_size // 2
@@ -56,9 +52,30 @@ def depthwise_weight_grad(x, grad, kernel_size):
     return weight
 
 
+def _nhwc(x):
+    """(B, H, W, C) view of an NCHW tensor, copied where its channels are not contiguous."""
+    x = x.permute(0, 2, 3, 1)
+    return x if x.stride(3) == 1 else x.contiguous()
+
+
+def _chosen_grads(ctx, grad_x, grad_weight, grad_bias):
+    """The compiled backward's (B, H, W, C) input gradient as NCHW, and each gradient only where it is needed."""
+    grad_x = None if grad_x is None else grad_x.permute(0, 3, 1, 2)
+    needed = ctx.needs_input_grad
+    return (grad_x, grad_weight if needed[1] else None,
+            grad_bias if ctx.has_bias and needed[2] else None)
+
+
+def _kernel_fits(x, weight):
+    """Whether the compiled kernels take this NCHW input and (C, 1, k, k) weight: float32 on a CPU they run
+    on, 3x3 or 5x5, outside autocast and traced graphs (FLOP counting)."""
+    return (weight.shape[-1] in (3, 5) and x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing() and kernel_available())
+
+
 class _DepthwiseConv(torch.autograd.Function):
-    """Stride-1 "same" depthwise convolution whose backward uses :func:`depthwise_weight_grad` and a
-    flipped-kernel convolution for the input gradient."""
+    """Stride-1 "same" depthwise convolution whose backward is the compiled one or, without it, a
+    flipped-kernel convolution for the input gradient and :func:`depthwise_weight_grad`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -69,6 +86,10 @@ class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        if _kernel_fits(x, weight) and grad.dtype == torch.float32:
+            grad_x, grad_weight, grad_bias, *_ = _kernels.depthwise_backward(
+                _nhwc(x), _nhwc(grad), weight, False, ctx.needs_input_grad[0])
+            return _chosen_grads(ctx, grad_x, grad_weight, grad_bias)
         kernel_size = weight.shape[-1]
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = grad_weight = grad_bias = None
@@ -104,22 +125,21 @@ def _add_identity(weight):
     return weight + identity
 
 
-# Largest input (values) for which the compiled depthwise convolution is used; above it oneDNN is as fast
-# or faster (both are bound by memory bandwidth there).
-KERNEL_MAX_VALUES = 2 ** 19
+# Largest input (values) for which the compiled 5x5 convolution is used; above it oneDNN's is faster. The
+# compiled 3x3 convolution is as fast or faster than oneDNN's on every map of this model.
+KERNEL_MAX_VALUES_5X5 = 2 ** 19
 
 
 def _same_conv(x, weight, bias):
     """Stride-1 "same" depthwise convolution of a channels-last NCHW ``x``.
 
-    Small float32 CPU maps with 3x3 or 5x5 kernels go to the compiled kernel (mmsecvit/csrc), which skips
-    oneDNN's fixed cost per call: 1.04-3x faster on this model's maps at 224 px. Elsewhere (autocast and
-    traced graphs for FLOP counting included) it is ``F.conv2d``.
+    Where the compiled kernel fits (:func:`_kernel_fits`; for 5x5 kernels, maps of at most
+    ``KERNEL_MAX_VALUES_5X5`` values) it runs the convolution, which also skips oneDNN's fixed cost per call
+    on small maps: 1.04-3x faster on this model's maps at 224 px. Elsewhere it is ``F.conv2d``.
     """
-    if (weight.shape[-1] in (3, 5) and x.numel() <= KERNEL_MAX_VALUES and x.device.type == 'cpu'
-            and x.dtype == weight.dtype == torch.float32 and x.stride(1) == 1
-            and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing() and kernel_available()):
-        return _kernels.depthwise_conv(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+    if (_kernel_fits(x, weight) and x.stride(1) == 1
+            and (weight.shape[-1] == 3 or x.numel() <= KERNEL_MAX_VALUES_5X5)):
+        return _kernels.depthwise_forward(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
     return F.conv2d(x, weight, bias, 1, weight.shape[-1] // 2, 1, weight.shape[0])
 
 
@@ -138,3 +158,73 @@ def depthwise_nhwc(conv, x, residual=False):
     else:
         out = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return out.permute(0, 2, 3, 1)
+
+
+class _GeluDepthwiseConv(torch.autograd.Function):
+    """The compiled "same" depthwise convolution of ``gelu(x)``, x channels-last NCHW: GELU's output is never
+    stored, and the backward keeps only ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _kernels.depthwise_forward(x.permute(0, 2, 3, 1), weight, bias, True).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias, *_ = _kernels.depthwise_backward(
+            _nhwc(x), _nhwc(grad), weight, True, ctx.needs_input_grad[0])
+        return _chosen_grads(ctx, grad_x, grad_weight, grad_bias)
+
+
+def _gelu_kernel_fits(conv, x, weight):
+    return _is_same_depthwise(conv) and x.stride(1) == 1 and _kernel_fits(x, weight)
+
+
+def _conv_weight(conv, residual):
+    return reuse_without_grad(conv, 'residual', _add_identity, conv.weight) if residual else conv.weight
+
+
+def gelu_depthwise_nhwc(conv, x, residual=False, inplace=False):
+    """``depthwise_nhwc(conv, gelu(x), residual)``.
+
+    Where the compiled kernel fits (float32 CPU, "same" 3x3 or 5x5), GELU and the convolution are one pass
+    over memory and GELU's output is never stored: 1.4-2.1x faster than the two operations on this model's
+    FFN maps at detection resolution, and in training only ``x`` is kept. Elsewhere GELU runs first, in
+    place when ``inplace`` (``x`` is then overwritten).
+    """
+    weight = _conv_weight(conv, residual)
+    nchw = x.permute(0, 3, 1, 2)
+    if not _gelu_kernel_fits(conv, nchw, weight):
+        return depthwise_nhwc(conv, torch.ops.aten.gelu_(x) if inplace else F.gelu(x), residual)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        out = _GeluDepthwiseConv.apply(nchw, weight, conv.bias)
+    else:
+        out = _kernels.depthwise_forward(x, weight, conv.bias, True).permute(0, 3, 1, 2)
+    return out.permute(0, 2, 3, 1)
+
+
+def gelu_depthwise_grads(conv, x, grad, residual=False):
+    """Gradients of ``out = gelu_depthwise_nhwc(conv, x, residual)`` for the output gradient ``grad``, without
+    autograd state, and ``out`` itself (for callers that recompute it in backward):
+    (input gradient, weight gradient, bias gradient or None, channel sums of the input gradient, out). The
+    channel sums are the bias gradient of a linear layer that produced ``x``.
+
+    The compiled backward gives all five in one pass; elsewhere they come from autograd, and the weight and
+    bias gradients are None where those parameters need none.
+    """
+    weight = _conv_weight(conv, residual)
+    nchw = x.permute(0, 3, 1, 2)
+    if _gelu_kernel_fits(conv, nchw, weight) and grad.dtype == torch.float32:
+        grad_x, grad_weight, grad_bias, grad_sum, out = _kernels.depthwise_backward(
+            x.contiguous(), grad.contiguous(), weight.detach(), True, True, conv.bias, True)
+        return grad_x, grad_weight, grad_bias if conv.bias is not None else None, grad_sum, out
+    params = [p for p in (conv.weight, conv.bias) if p is not None and p.requires_grad]
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        out = gelu_depthwise_nhwc(conv, x, residual)
+    grad_x, *param_grads = torch.autograd.grad(out, [x] + params, grad.to(out.dtype))
+    by_param = dict(zip(map(id, params), param_grads))
+    bias_grad = None if conv.bias is None else by_param.get(id(conv.bias))
+    return grad_x, by_param.get(id(conv.weight)), bias_grad, grad_x.sum((0, 1, 2)), out.detach()

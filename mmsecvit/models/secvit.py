@@ -17,7 +17,7 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint_utils import load_backbone_checkpoint
-from .depthwise_conv import depthwise_nhwc
+from .depthwise_conv import depthwise_nhwc, gelu_depthwise_grads, gelu_depthwise_nhwc
 from .reuse import reuse_without_grad
 from .sec_attention import apply_rope, cluster_assignment, cluster_length, rope_angles, rope_tables, sec_attention
 
@@ -219,10 +219,10 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dims, embed_dims)
 
     def activate(self, pre_act, inplace=False):
-        """GELU and the residual depthwise conv: fc1's output to fc2's input. ``inplace`` overwrites
-        ``pre_act`` with its GELU instead of allocating another (N, hidden) tensor."""
-        x = torch.ops.aten.gelu_(pre_act) if inplace else F.gelu(pre_act)
-        return depthwise_nhwc(self.dwconv, x, residual=True)
+        """GELU and the residual depthwise conv: fc1's output to fc2's input (one compiled pass where it fits,
+        see :func:`gelu_depthwise_nhwc`). Elsewhere ``inplace`` overwrites ``pre_act`` with its GELU instead of
+        allocating another (N, hidden) tensor."""
+        return gelu_depthwise_nhwc(self.dwconv, pre_act, residual=True, inplace=inplace)
 
     def forward(self, x):
         pre_act = linear_nhwc(x, self.fc1.weight, self.fc1.bias)
@@ -241,8 +241,10 @@ class _RecomputedNormFFN(torch.autograd.Function):
 
     The backward recomputes the norm, GELU and depthwise conv (and fc1's output when it was not kept) and
     differentiates fc1 and fc2 by hand, so fc2's matmul, and with ``keep_pre_act`` fc1's, is never rerun
-    and none of the FFN's other (N, hidden) activations is kept. Inputs after ``keep_pre_act`` are the
-    parameters, in :meth:`params` order, so that they receive gradients.
+    and none of the FFN's other (N, hidden) activations is kept. GELU and the depthwise conv are
+    differentiated together (:func:`gelu_depthwise_grads`), which also gives fc1's bias gradient and fc2's
+    input. Inputs after ``keep_pre_act`` are the parameters, in :meth:`params` order, so that they receive
+    gradients.
     """
 
     @staticmethod
@@ -268,27 +270,32 @@ class _RecomputedNormFFN(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(**ctx.autocast):
             x = x.detach().requires_grad_(needs[0])
             normed = norm(x)
+        with torch.no_grad(), torch.autocast(**ctx.autocast):
             if pre_act is None:
-                with torch.no_grad():
-                    pre_act = linear_nhwc(normed, ffn.fc1.weight, ffn.fc1.bias)
-            pre_act = pre_act.detach().requires_grad_()
-            hidden = ffn.activate(pre_act)
-        grad_out = grad_out.to(hidden.dtype)
+                pre_act = linear_nhwc(normed, ffn.fc1.weight, ffn.fc1.bias)
+            if not any(needs[:10]):
+                hidden = ffn.activate(pre_act)
+        grad_out = grad_out.to(pre_act.dtype)
+        if any(needs[:10]):
+            # fc2's input gradient does not need fc2's input, which the one-pass GELU + depthwise backward
+            # recomputes along with its gradients.
+            grad_hidden = linear_nhwc(grad_out, ffn.fc2.weight.t().to(grad_out.dtype), None)
+            with torch.autocast(**ctx.autocast):
+                grad_pre_act, grads[8], grads[9], grad_fc1_bias, hidden = gelu_depthwise_grads(
+                    ffn.dwconv, pre_act, grad_hidden, residual=True)
+            del grad_hidden
+            grads[8], grads[9] = (grads[i] if needs[i] else None for i in (8, 9))
         if needs[10]:
             grads[10] = _row_grad(grad_out, hidden, ffn.fc2.weight)
         if needs[11]:
             grads[11] = _bias_grad(grad_out, ffn.fc2.bias)
         if not any(needs[:10]):
             return tuple(grads)
-        grad_hidden = linear_nhwc(grad_out, ffn.fc2.weight.t().to(hidden.dtype), None)
-        dw_inputs = [(i, t) for i, t in ((8, ffn.dwconv.weight), (9, ffn.dwconv.bias)) if needs[i]]
-        grad_pre_act, *dw_grads = torch.autograd.grad(hidden, [pre_act] + [t for _, t in dw_inputs], grad_hidden)
-        for (i, _), grad in zip(dw_inputs, dw_grads):
-            grads[i] = grad
+        del hidden
         if needs[6]:
             grads[6] = _row_grad(grad_pre_act, normed, ffn.fc1.weight)
         if needs[7]:
-            grads[7] = _bias_grad(grad_pre_act, ffn.fc1.bias)
+            grads[7] = grad_fc1_bias.to(ffn.fc1.bias.dtype)
         norm_inputs = [(i, t) for i, t in ((0, x), (4, norm.weight), (5, norm.bias)) if needs[i]]
         if norm_inputs:
             grad_normed = linear_nhwc(grad_pre_act, ffn.fc1.weight.t().to(grad_pre_act.dtype), None)
