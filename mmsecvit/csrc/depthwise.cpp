@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #ifdef MMSECVIT_AVX512
@@ -53,12 +54,22 @@ class RowRing {
  public:
   RowRing(const Geometry& g, int pad)
       : g_(g), pad_(pad), stride_((g.width + 2 * pad) * g.padded_channels),
-        data_((g.kernel_size + 1) * stride_, 0.0f), held_(g.kernel_size, -1) {}
+        data_(new float[(g.kernel_size + 1) * stride_]), held_(g.kernel_size, -1) {
+    // Only the padding is zeroed here: every fill overwrites a slot's other positions (padded channels
+    // included). On small maps zeroing whole slots cost more than the convolution.
+    const int64_t border = pad * g.padded_channels;
+    for (int slot = 0; slot < g.kernel_size; ++slot) {
+      float* start = data_.get() + slot * stride_;
+      std::fill(start, start + border, 0.0f);
+      std::fill(start + stride_ - border, start + stride_, 0.0f);
+    }
+    std::fill(zero_row(), zero_row() + stride_, 0.0f);
+  }
 
   // Row y of image b, filled by fill(buffer at the first real position) when the slot does not hold it.
   template <class Fill>
   const float* row(int64_t b, int64_t y, Fill&& fill) {
-    if (y < 0 || y >= g_.height) return data_.data() + g_.kernel_size * stride_;  // the zero row
+    if (y < 0 || y >= g_.height) return zero_row();
     const int64_t key = b * g_.height + y;
     float* slot = slot_of(b, y);
     if (held_[key % g_.kernel_size] != key) {
@@ -69,13 +80,15 @@ class RowRing {
   }
 
   // The slot for row y of image b.
-  float* slot_of(int64_t b, int64_t y) { return data_.data() + ((b * g_.height + y) % g_.kernel_size) * stride_; }
+  float* slot_of(int64_t b, int64_t y) { return data_.get() + ((b * g_.height + y) % g_.kernel_size) * stride_; }
 
  private:
+  float* zero_row() { return data_.get() + g_.kernel_size * stride_; }
+
   Geometry g_;
   int pad_;
   int64_t stride_;
-  std::vector<float> data_;
+  std::unique_ptr<float[]> data_;
   std::vector<int64_t> held_;
 };
 
@@ -272,9 +285,14 @@ at::Tensor taps_of(const at::Tensor& weight, Geometry& g, bool flip) {
   const int64_t k = weight.size(2);
   TORCH_CHECK(k == 3 || k == 5, "kernel_size must be 3 or 5, got ", k);
   g.kernel_size = static_cast<int>(k);
-  const at::Tensor w = flip ? weight.flip({2, 3}) : weight;
-  auto taps = at::zeros({k * k, g.padded_channels}, weight.options());
-  taps.narrow(1, 0, g.channels).copy_(w.reshape({g.channels, k * k}).t());
+  // Plain loops: on small maps a few tensor operations per call cost more than the convolution.
+  const at::Tensor w = weight.contiguous();
+  const float* src = w.data_ptr<float>();
+  auto taps = at::empty({k * k, g.padded_channels}, weight.options());
+  float* dst = taps.data_ptr<float>();
+  for (int64_t tap = 0; tap < k * k; ++tap)
+    for (int64_t c = 0; c < g.padded_channels; ++c)
+      dst[tap * g.padded_channels + c] = c < g.channels ? src[c * k * k + (flip ? k * k - 1 - tap : tap)] : 0.0f;
   return taps;
 }
 
@@ -284,8 +302,11 @@ void check_bias(const c10::optional<at::Tensor>& bias, const Geometry& g) {
 }
 
 at::Tensor padded(const at::Tensor& values, int64_t size) {
-  auto out = at::zeros({size}, values.options());
-  out.narrow(0, 0, values.size(0)).copy_(values);
+  const at::Tensor contiguous = values.contiguous();
+  const float* src = contiguous.data_ptr<float>();
+  auto out = at::empty({size}, values.options());
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < size; ++i) dst[i] = i < values.size(0) ? src[i] : 0.0f;
   return out;
 }
 
