@@ -15,8 +15,8 @@ def read_version():
 
 
 def kernel_extensions():
-    """The CPU kernels (``mmsecvit/csrc``: cluster attention, ranking, depthwise convolution and its weight
-    gradient), built against the installed torch on x86-64 Linux.
+    """The CPU kernels (``mmsecvit/csrc``: cluster attention, ranking, depthwise convolution alone and after
+    GELU), built against the installed torch on x86-64 Linux.
 
     It is optional: where torch is not importable at build time, or the build fails, mmsecvit runs the same
     computation with PyTorch operations.
