@@ -58,14 +58,6 @@ def _nhwc(x):
     return x if x.stride(3) == 1 else x.contiguous()
 
 
-def _chosen_grads(ctx, grad_x, grad_weight, grad_bias):
-    """The compiled backward's (B, H, W, C) input gradient as NCHW, and each gradient only where it is needed."""
-    grad_x = None if grad_x is None else grad_x.permute(0, 3, 1, 2)
-    needed = ctx.needs_input_grad
-    return (grad_x, grad_weight if needed[1] else None,
-            grad_bias if ctx.has_bias and needed[2] else None)
-
-
 def _kernel_fits(x, weight):
     """Whether the compiled kernels take this NCHW input and (C, 1, k, k) weight: float32 on a CPU they run
     on, 3x3 or 5x5, outside autocast and traced graphs (FLOP counting)."""
@@ -74,32 +66,37 @@ def _kernel_fits(x, weight):
 
 
 class _DepthwiseConv(torch.autograd.Function):
-    """Stride-1 "same" depthwise convolution whose backward is the compiled one or, without it, a
-    flipped-kernel convolution for the input gradient and :func:`depthwise_weight_grad`."""
+    """Stride-1 "same" depthwise convolution of a channels-last NCHW ``x`` or, with ``gelu`` (compiled kernel
+    only), of ``gelu(x)``, whose output is then never stored. The backward is the compiled one or, without
+    it, a flipped-kernel convolution for the input gradient and :func:`depthwise_weight_grad`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, gelu=False):
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.gelu = bias is not None, gelu
+        if gelu:
+            return _kernels.depthwise_forward(x.permute(0, 2, 3, 1), weight, bias, True).permute(0, 3, 1, 2)
         return _same_conv(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        if _kernel_fits(x, weight) and grad.dtype == torch.float32:
+        needed = ctx.needs_input_grad
+        if ctx.gelu or (_kernel_fits(x, weight) and grad.dtype == torch.float32):
             grad_x, grad_weight, grad_bias, *_ = _kernels.depthwise_backward(
-                _nhwc(x), _nhwc(grad), weight, False, ctx.needs_input_grad[0])
-            return _chosen_grads(ctx, grad_x, grad_weight, grad_bias)
+                _nhwc(x), _nhwc(grad), weight, ctx.gelu, needed[0])
+            return (None if grad_x is None else grad_x.permute(0, 3, 1, 2), grad_weight if needed[1] else None,
+                    grad_bias if ctx.has_bias and needed[2] else None, None)
         kernel_size = weight.shape[-1]
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
+        if needed[0]:
             grad_x = _same_conv(grad, weight.flip(2, 3), None)
-        if ctx.needs_input_grad[1]:
+        if needed[1]:
             grad_weight = depthwise_weight_grad(x, grad, kernel_size)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and needed[2]:
             grad_bias = grad.sum((0, 2, 3))
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, grad_bias, None
 
 
 def _is_same_depthwise(conv):
@@ -144,13 +141,18 @@ def _same_conv(x, weight, bias):
     return F.conv2d(x, weight, bias, 1, weight.shape[-1] // 2, 1, weight.shape[0])
 
 
+def _conv_weight(conv, residual):
+    """The convolution's weight, plus the identity with ``residual`` (see :func:`_add_identity`)."""
+    return reuse_without_grad(conv, 'residual', _add_identity, conv.weight) if residual else conv.weight
+
+
 def depthwise_nhwc(conv, x, residual=False):
     """Apply a stride-1 "same" depthwise nn.Conv2d to a (B, H, W, C) tensor through its channels-last
     NCHW view; returns (B, H, W, C).
 
     With ``residual``, returns ``x + conv(x)`` in one convolution by adding 1 to the kernel's centre tap.
     """
-    weight = reuse_without_grad(conv, 'residual', _add_identity, conv.weight) if residual else conv.weight
+    weight = _conv_weight(conv, residual)
     x = x.permute(0, 3, 1, 2)
     if _use_fast_backward(conv, x, weight):
         out = _DepthwiseConv.apply(x, weight, conv.bias)
@@ -161,30 +163,8 @@ def depthwise_nhwc(conv, x, residual=False):
     return out.permute(0, 2, 3, 1)
 
 
-class _GeluDepthwiseConv(torch.autograd.Function):
-    """The compiled "same" depthwise convolution of ``gelu(x)``, x channels-last NCHW: GELU's output is never
-    stored, and the backward keeps only ``x``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _kernels.depthwise_forward(x.permute(0, 2, 3, 1), weight, bias, True).permute(0, 3, 1, 2)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias, *_ = _kernels.depthwise_backward(
-            _nhwc(x), _nhwc(grad), weight, True, ctx.needs_input_grad[0])
-        return _chosen_grads(ctx, grad_x, grad_weight, grad_bias)
-
-
 def _gelu_kernel_fits(conv, x, weight):
     return _is_same_depthwise(conv) and x.stride(1) == 1 and _kernel_fits(x, weight)
-
-
-def _conv_weight(conv, residual):
-    return reuse_without_grad(conv, 'residual', _add_identity, conv.weight) if residual else conv.weight
 
 
 def gelu_depthwise_nhwc(conv, x, residual=False, inplace=False):
@@ -200,7 +180,7 @@ def gelu_depthwise_nhwc(conv, x, residual=False, inplace=False):
     if not _gelu_kernel_fits(conv, nchw, weight):
         return depthwise_nhwc(conv, torch.ops.aten.gelu_(x) if inplace else F.gelu(x), residual)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        out = _GeluDepthwiseConv.apply(nchw, weight, conv.bias)
+        out = _DepthwiseConv.apply(nchw, weight, conv.bias, True)
     else:
         out = _kernels.depthwise_forward(x, weight, conv.bias, True).permute(0, 3, 1, 2)
     return out.permute(0, 2, 3, 1)
