@@ -270,26 +270,28 @@ class _RecomputedNormFFN(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(**ctx.autocast):
             x = x.detach().requires_grad_(needs[0])
             normed = norm(x)
+        below_fc2 = any(needs[:10])  # anything but fc2's parameters needs a gradient
         with torch.no_grad(), torch.autocast(**ctx.autocast):
             if pre_act is None:
                 pre_act = linear_nhwc(normed, ffn.fc1.weight, ffn.fc1.bias)
-            if not any(needs[:10]):
+            if not below_fc2:
                 hidden = ffn.activate(pre_act)
         grad_out = grad_out.to(pre_act.dtype)
-        if any(needs[:10]):
+        if below_fc2:
             # fc2's input gradient does not need fc2's input, which the one-pass GELU + depthwise backward
             # recomputes along with its gradients.
             grad_hidden = linear_nhwc(grad_out, ffn.fc2.weight.t().to(grad_out.dtype), None)
             with torch.autocast(**ctx.autocast):
-                grad_pre_act, grads[8], grads[9], grad_fc1_bias, hidden = gelu_depthwise_grads(
+                grad_pre_act, grad_dw_weight, grad_dw_bias, grad_fc1_bias, hidden = gelu_depthwise_grads(
                     ffn.dwconv, pre_act, grad_hidden, residual=True)
             del grad_hidden
-            grads[8], grads[9] = (grads[i] if needs[i] else None for i in (8, 9))
+            grads[8] = grad_dw_weight if needs[8] else None
+            grads[9] = grad_dw_bias if needs[9] else None
         if needs[10]:
             grads[10] = _row_grad(grad_out, hidden, ffn.fc2.weight)
         if needs[11]:
             grads[11] = _bias_grad(grad_out, ffn.fc2.bias)
-        if not any(needs[:10]):
+        if not below_fc2:
             return tuple(grads)
         del hidden
         if needs[6]:
