@@ -15,7 +15,7 @@ from mmsecvit.models.compiled import _kernels, kernel_available
 from mmsecvit.models.depthwise_conv import (depthwise_nhwc, depthwise_weight_grad, gelu_depthwise_grads,
                                             gelu_depthwise_nhwc)
 from mmsecvit.models.sec_attention import apply_rope, rope_angles, rope_tables
-from mmsecvit.models.secvit import linear_nhwc, residual_add
+from mmsecvit.models.secvit import linear_nhwc, norm_linear_nhwc, residual_add
 
 sec_attention_module = importlib.import_module('mmsecvit.models.sec_attention')
 depthwise_conv_module = importlib.import_module('mmsecvit.models.depthwise_conv')
@@ -365,6 +365,35 @@ def test_linear_nhwc_training_path_matches_float64_linear_with_gradients():
     frozen = linear_nhwc(x, weight.detach(), None)  # frozen layer without bias: only the input gradient
     (grad_x,) = torch.autograd.grad(frozen, x, grad_out)
     torch.testing.assert_close(grad_x.double(), grad_out.double() @ weight.detach().double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('height, width', [(40, 33), (7, 9)])  # the 1x1-convolution and the F.linear products
+def test_norm_linear_nhwc_matches_float64_and_keeps_only_its_input(height, width):
+    norm = nn.LayerNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = (torch.randn(2, height, width, 48) * 3 + 1).requires_grad_()
+    weight = (torch.randn(96, 48) * 0.1).requires_grad_()
+    bias = torch.randn(96, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = norm_linear_nhwc(x, norm, weight, bias)
+    # x and the four parameters, not the normalised (B, H, W, C) map.
+    assert sum(t.numel() for t in saved) == x.numel() + 2 * 48 + weight.numel()
+    grad_out = torch.randn_like(out)
+    params = (x, norm.weight, norm.bias, weight, bias)
+    grads = torch.autograd.grad(out, params, grad_out)
+    leaves = [t.detach().double().requires_grad_() for t in params]
+    ref = F.linear(F.layer_norm(leaves[0], (48,), leaves[1], leaves[2], 1e-6), leaves[3], leaves[4])
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-4)
+    # Frozen norm and projection: only the input gradient.
+    norm.requires_grad_(False)
+    (grad_x,) = torch.autograd.grad(norm_linear_nhwc(x, norm, weight.detach(), None), x, grad_out)
+    torch.testing.assert_close(grad_x.double(), ref_grads[0], rtol=1e-5, atol=1e-4)
 
 
 def test_inference_reuses_derived_weights_until_parameters_change():

@@ -137,7 +137,7 @@ def capture_clusters(backbone, x, attentions, heads):
     clusters = {}
 
     def record(stage):
-        def hook(attention, inputs):  # inputs: (x, rope) as the block passes them
+        def hook(attention, inputs):  # inputs: (x, rope, norm) as the block passes them
             clusters[stage] = attention.cluster_ids(*inputs)[0, list(heads)]
         return hook
 

@@ -124,14 +124,20 @@ class _PointwiseConv(torch.autograd.Function):
 
 def resolve_recompute_ffn(value, num_stages):
     """Per-stage :data:`FFN_RECOMPUTE_MODES` from ``SecViT(recompute_ffn=...)``: True is 'all' in the first
-    two stages and 'activation' after them, False is 'none', a str applies to every stage."""
+    stage and 'activation' after it, False is 'none', a str applies to every stage."""
     if isinstance(value, bool):
-        return tuple('all' if value and i < 2 else 'activation' if value else 'none' for i in range(num_stages))
+        return tuple('all' if value and i == 0 else 'activation' if value else 'none' for i in range(num_stages))
     modes = per_stage((value,) * num_stages if isinstance(value, str) else value, num_stages, 'recompute_ffn')
     unknown = [mode for mode in modes if mode not in FFN_RECOMPUTE_MODES]
     if unknown:
         raise ValueError(f'recompute_ffn entries must be True, False or one of {FFN_RECOMPUTE_MODES}, got {unknown}')
     return modes
+
+
+def _pointwise_conv_fits(x):
+    """Whether :func:`linear_nhwc` runs ``x`` as a 1x1 convolution (see there)."""
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and x.shape[1] * x.shape[2] >= POINTWISE_CONV_MIN_TOKENS
+            and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing())
 
 
 def linear_nhwc(x, weight, bias):
@@ -143,12 +149,57 @@ def linear_nhwc(x, weight, bias):
     reached 70-100 GMAC/s on 2 cores where the matmuls of ``F.linear`` reached 37-92 (the narrow stage-1
     shapes were slowest). Elsewhere it is ``F.linear``.
     """
-    if (x.device.type == 'cpu' and x.dtype == torch.float32 and x.shape[1] * x.shape[2] >= POINTWISE_CONV_MIN_TOKENS
-            and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing()):
+    if _pointwise_conv_fits(x):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _PointwiseConv.apply(x, weight, bias)
         return pointwise_conv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _project(x, weight, bias=None):
+    """``F.linear`` on a (B, H, W, C) tensor, as :func:`pointwise_conv` where :func:`linear_nhwc` would use it
+    (no autograd function)."""
+    return pointwise_conv(x, weight, bias) if _pointwise_conv_fits(x) else F.linear(x, weight, bias)
+
+
+class _NormLinear(torch.autograd.Function):
+    """``F.linear(layer_norm(x), weight, bias)`` on a (B, H, W, C) tensor that keeps ``x`` but not the
+    normalised map for backward, which recomputes it (one pass over ``x``): one (B, H, W, C) map less kept
+    per block. The products are :func:`_project`'s."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias):
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
+        ctx.eps, ctx.has_bias = eps, bias is not None
+        return _project(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, norm_weight, norm_bias, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        normed, mean, rstd = torch.ops.aten.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, ctx.eps)
+        grad = grad.contiguous()
+        grad_weight = _row_grad(grad, normed, weight) if needs[4] else None
+        grad_bias = _bias_grad(grad, weight) if ctx.has_bias and needs[5] else None
+        del normed
+        grad_x = grad_norm_weight = grad_norm_bias = None
+        if any(needs[:3]):
+            grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+                _project(grad, weight.t()), x, x.shape[-1:], mean, rstd, norm_weight, norm_bias,
+                [needs[0], needs[1], needs[2]])
+        return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
+
+
+def norm_linear_nhwc(x, norm, weight, bias):
+    """``linear_nhwc(norm(x), weight, bias)`` for an ``nn.LayerNorm`` ``norm``. In training on float32 CPU
+    tensors outside autocast and traced graphs, the normalised map is recomputed in backward instead of kept
+    (:class:`_NormLinear`)."""
+    params = (x, norm.weight, norm.bias, weight, bias)
+    if (x.device.type == 'cpu' and x.dtype == torch.float32 and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing()
+            and any(t is not None and t.requires_grad for t in params)):
+        return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, weight, bias)
+    return linear_nhwc(norm(x), weight, bias)
 
 
 class SECAttention(nn.Module):
@@ -176,17 +227,17 @@ class SECAttention(nn.Module):
     def cluster_length(self, num_tokens):
         return cluster_length(num_tokens, self.num_clusters, self.cluster_size)
 
-    def project(self, x, rope, with_values=False):
-        """x: (B, H, W, C). Returns q, k, v packed as (B, N, heads, 3, head_dim), with the rotary embedding
-        on q and k and the softmax scale on k, and with ``with_values`` also v as (B, N, C) (the LePE input;
-        see :func:`apply_rope`).
+    def project(self, x, rope, norm=None, with_values=False):
+        """x: (B, H, W, C), normalised first by ``norm`` (an nn.LayerNorm) if given. Returns q, k, v packed as
+        (B, N, heads, 3, head_dim), with the rotary embedding on q and k and the softmax scale on k, and with
+        ``with_values`` also v as (B, N, C) (the LePE input; see :func:`apply_rope`).
 
         The qkv rows are regrouped per head (:meth:`per_head_qkv`; the parameter keeps the official layout),
         so the projection writes every (token, head) row of q, k and v contiguously.
         """
         batch, height, width, _ = x.shape
         weight, bias = reuse_without_grad(self.qkv, 'per_head', self.per_head_qkv, self.qkv.weight, self.qkv.bias)
-        packed = linear_nhwc(x, weight, bias)
+        packed = linear_nhwc(x, weight, bias) if norm is None else norm_linear_nhwc(x, norm, weight, bias)
         return apply_rope(packed.view(batch, height * width, self.num_heads, 3, self.head_dim), rope, with_values)
 
     def per_head_qkv(self, weight, bias):
@@ -196,14 +247,16 @@ class SECAttention(nn.Module):
         bias = bias.view(3, self.num_heads, self.head_dim).transpose(0, 1)
         return weight.reshape(3 * channels, channels), bias.reshape(3 * channels)
 
-    def cluster_ids(self, x, rope):
+    def cluster_ids(self, x, rope, norm=None):
         """Cluster index of every position per head, shape (B, heads, H, W), for inspection."""
-        packed = self.project(x, rope)
+        packed = self.project(x, rope, norm)
         return cluster_assignment(packed, self.cluster_length(packed.shape[1])).unflatten(-1, x.shape[1:3])
 
-    def forward(self, x, rope):
-        """x: (B, H, W, C); rope: tables from :func:`rope_tables`. Returns (B, H, W, C)."""
-        packed, values = self.project(x, rope, with_values=True)
+    def forward(self, x, rope, norm=None):
+        """x: (B, H, W, C); rope: tables from :func:`rope_tables`; norm: the block's pre-norm (nn.LayerNorm) or
+        None, applied to ``x`` in the projection (:func:`norm_linear_nhwc`: its output is not kept for
+        backward). Returns (B, H, W, C)."""
+        packed, values = self.project(x, rope, norm, with_values=True)
         lepe = depthwise_nhwc(self.lepe, values.view(x.shape))
         out = sec_attention(packed, self.cluster_length(packed.shape[1])).view_as(x)
         return linear_nhwc(out + lepe, self.proj.weight, self.proj.bias)
@@ -364,7 +417,7 @@ class SecViTBlock(nn.Module):
 
     def forward(self, x, rope):
         x = depthwise_nhwc(self.cpe, x, residual=True)
-        attn = self.attn(self.norm1(x), rope)
+        attn = self.attn(x, rope, self.norm1)
         x = residual_add(x, attn, self.gamma1, self.drop_path, self.training)
         params = _RecomputedNormFFN.params(self.norm2, self.ffn)
         if (self.recompute_ffn != 'none' and torch.is_grad_enabled()
@@ -483,8 +536,8 @@ class SecViT(BaseModule):
         recompute_ffn (bool | str | Sequence[str]): What each FFN keeps for backward in training, for all
             stages or per stage (results are unchanged: nothing inside the FFN is random). 'none': every
             activation; 'activation': its input and fc1's output, recomputing GELU and the depthwise conv;
-            'all': only its input, recomputing fc1 too. True (default) is 'all' in stages 1-2, whose
-            activations are largest for their compute, and 'activation' after them; False is 'none'.
+            'all': only its input, recomputing fc1 too. True (default) is 'all' in stage 1, whose
+            activations are largest for their compute, and 'activation' after it; False is 'none'.
             Not used with ``with_cp``, which recomputes whole blocks.
         pretrained (str | None): Deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
         init_cfg (dict | None): ``dict(type='Pretrained', checkpoint=PATH)`` loads an mmsecvit or an official
