@@ -14,7 +14,7 @@ from mmsecvit import SecViT
 from mmsecvit.models.compiled import _kernels, kernel_available
 from mmsecvit.models.depthwise_conv import (depthwise_nhwc, depthwise_weight_grad, gelu_depthwise_grads,
                                             gelu_depthwise_nhwc)
-from mmsecvit.models.sec_attention import apply_rope, rope_angles, rope_tables
+from mmsecvit.models.sec_attention import apply_rope, rope_angles, rope_tables, split_values
 from mmsecvit.models.secvit import linear_nhwc, norm_linear_nhwc, residual_add
 
 sec_attention_module = importlib.import_module('mmsecvit.models.sec_attention')
@@ -262,6 +262,41 @@ def test_cluster_attention_equals_fused_kernel(impl, batch, tokens, heads, head_
         assert (a - b).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize('impl', ['kernel', 'chunked'])
+@pytest.mark.parametrize('batch, height, width, heads, head_dim, cluster_len',
+                         [(2, 30, 33, 4, 32, 98), (1, 7, 11, 2, 16, 10), (1, 9, 8, 3, 32, 72)])
+def test_attention_with_rope_tables_equals_rotating_first(impl, batch, height, width, heads, head_dim, cluster_len):
+    # Given the rotary tables, the kernel rotates each cluster's copy of the rows and takes the rotation back
+    # out of the gradient; the other paths rotate the packed tensor first. Both must equal the fused kernel on
+    # rows rotated beforehand, gradients included.
+    if impl == 'kernel' and not kernel_available():
+        pytest.skip(NO_KERNEL)
+    rope = rope_tables(height, width, rope_angles(head_dim), key_scale=head_dim ** -0.5)
+    packed = torch.randn(batch, height * width, heads, 3, head_dim, requires_grad=True)
+    grad = torch.randn(batch, height * width, heads * head_dim)
+    out = sec_attention_module.sec_attention(packed, cluster_len, impl=impl, rope=rope)
+    expected = sec_attention_module.sec_attention(apply_rope(packed, rope), cluster_len, impl='fused')
+    assert (out - expected).abs().max() <= 1e-5
+    for a, b in zip(torch.autograd.grad(out, packed, grad), torch.autograd.grad(expected, packed, grad)):
+        assert (a - b).abs().max() <= 1e-5
+
+
+@needs_kernel
+def test_kernel_checks_its_rope_arguments():
+    rows, sources = torch.randn(2 * 4 * 5 * 3, 96), torch.randperm(2 * 4 * 5 * 3)
+    axes = rope_tables(4, 5, rope_angles(32)).axes
+    assert _kernels.forward(rows, sources, [0, 12, 10], axes, 3, 4, 5, 0.5).shape == (120, 32)
+    with pytest.raises(RuntimeError, match='height \\* width \\* heads'):
+        _kernels.forward(rows, sources, [0, 12, 10], axes, 4, 4, 5, 0.5)
+    with pytest.raises(RuntimeError, match='\\(height \\+ width, 2, head_dim / 2\\)'):
+        _kernels.forward(rows, sources, [0, 12, 10], rope_tables(4, 6, rope_angles(32)).axes, 3, 4, 5, 0.5)
+    with pytest.raises(RuntimeError, match='\\(height \\+ width, 2, head_dim / 2\\)'):
+        _kernels.backward(rows, sources, [0, 12, 10], torch.randn(120, 32), rope_tables(4, 5, rope_angles(16)).axes,
+                          3, 4, 5, 0.5)
+    with pytest.raises(RuntimeError, match='height \\* width must be the token count'):
+        _kernels.semantic_order(rows, 2, 20, 3, axes, 5, 5)
+
+
 @needs_kernel
 def test_kernel_checks_its_inputs():
     rows, sources = torch.randn(20, 96), torch.randperm(20)
@@ -295,10 +330,11 @@ def test_attention_impl_picks_the_fastest_for_the_input():
 
 
 @pytest.mark.parametrize('used', ['both', 'rotated', 'values'])
-def test_rope_with_values_backward_equals_plain_autograd(used):
+def test_split_values_backward_equals_plain_autograd(used):
     rope = rope_tables(4, 5, rope_angles(8).double(), key_scale=8 ** -0.5)
     packed = torch.randn(2, 20, 3, 3, 8, dtype=torch.float64, requires_grad=True)
-    rotated, values = apply_rope(packed, rope, with_values=True)
+    kept, values = split_values(packed)
+    rotated = apply_rope(kept, rope)  # as the attention's PyTorch paths use it
     assert values.shape == (2, 20, 24) and values.is_contiguous()
     pairs = packed.unflatten(-1, (-1, 2))
     plain_rotated = torch.view_as_real(torch.view_as_complex(pairs) * rope.complex).flatten(-2)
@@ -314,6 +350,22 @@ def test_rope_with_values_backward_equals_plain_autograd(used):
     (grad,) = torch.autograd.grad(loss(rotated, values), packed)
     (plain_grad,) = torch.autograd.grad(loss(plain_rotated, plain_values), packed)
     torch.testing.assert_close(grad, plain_grad)
+
+
+def test_rope_kernel_table_holds_the_complex_rotations():
+    rope = rope_tables(3, 5, rope_angles(16), key_scale=0.25)
+    axes = rope.axes  # (height + width, 2, 8): per row, then per column, the cosines of 8 channels, then sines
+    assert axes.shape == (8, 2, 8) and axes.dtype == torch.float32
+    rotation = rope.complex[:, 0, 0].view(3, 5, 8)  # q's rotation per token: 4 pairs by row, 4 by column
+    for y in range(3):
+        for x in range(5):
+            table = torch.cat([axes[y], axes[3 + x]], dim=-1)  # (cos, signed sin) of the 16 channels
+            torch.testing.assert_close(table[0, 0::2], rotation[y, x].real)
+            torch.testing.assert_close(table[0, 1::2], table[0, 0::2])
+            torch.testing.assert_close(table[1, 1::2], rotation[y, x].imag)
+            torch.testing.assert_close(table[1, 0::2], -rotation[y, x].imag)
+    torch.testing.assert_close(rope.complex[:, 0, 1], rope.complex[:, 0, 0] * 0.25)
+    assert (rope.complex[:, 0, 2] == 1).all()
 
 
 @pytest.mark.parametrize('with_gamma', [False, True])
@@ -449,6 +501,21 @@ def test_ranking_kernel_sorts_by_the_exact_scores(batch, tokens, heads, head_dim
     assert ((ranked[..., :-1] - ranked[..., 1:]) / scale <= 1e-6).all()
     # Equal to PyTorch's ranking except for near-ties.
     assert (order != sec_attention_module.argsort_rows(exact_key_scores(packed).float())).float().mean() < 0.01
+
+
+@needs_kernel
+@pytest.mark.parametrize('batch, height, width, heads, head_dim', [(1, 200, 336, 2, 32), (2, 7, 9, 4, 16)])
+def test_ranking_kernel_rotates_the_keys_it_is_given_unrotated(batch, height, width, heads, head_dim):
+    rope = rope_tables(height, width, rope_angles(head_dim), key_scale=head_dim ** -0.5)
+    packed = torch.randn(batch, height * width, heads, 3, head_dim)
+    rows = packed.reshape(-1, 3 * head_dim)
+    order = _kernels.semantic_order(rows, batch, height * width, heads, rope.axes, height, width)
+    rotated = apply_rope(packed.clone(), rope)
+    ranked = exact_key_scores(rotated).gather(-1, order)
+    scale = rotated[:, :, :, 1].double().sum(dim=1).norm(dim=-1)[..., None]
+    assert ((ranked[..., :-1] - ranked[..., 1:]) / scale <= 1e-6).all()
+    unrotated_order = _kernels.semantic_order(rows, batch, height * width, heads)
+    assert (order != unrotated_order).float().mean() > 0.5  # the rotation matters
 
 
 @needs_kernel

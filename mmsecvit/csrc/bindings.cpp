@@ -6,12 +6,19 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &mmsecvit::cpu_supported, "Whether this CPU can run the kernels (AVX-512)");
   m.def("forward", &mmsecvit::cluster_attention_forward,
-        "Cluster attention: rows (R, 3d), cluster order, parts -> (R, d) in row order");
+        "Cluster attention: rows (R, 3d), cluster order, parts -> (R, d) in row order; with rope_axes, q and k "
+        "are rotated and k scaled first",
+        py::arg("rows"), py::arg("sources"), py::arg("parts"), py::arg("rope_axes") = py::none(),
+        py::arg("heads") = 1, py::arg("height") = 0, py::arg("width") = 0, py::arg("key_scale") = 1.0);
   m.def("backward", &mmsecvit::cluster_attention_backward,
-        "Gradient of the rows from the gradient of forward's output");
+        "Gradient of the rows from the gradient of forward's output",
+        py::arg("rows"), py::arg("sources"), py::arg("parts"), py::arg("grad_out"), py::arg("rope_axes") = py::none(),
+        py::arg("heads") = 1, py::arg("height") = 0, py::arg("width") = 0, py::arg("key_scale") = 1.0);
   m.def("semantic_order", &mmsecvit::semantic_order,
-        "Tokens of every (image, head) ranked by the cosine similarity of their key to the keys' sum: (B, heads, N)",
-        py::arg("rows"), py::arg("batch"), py::arg("tokens"), py::arg("heads"));
+        "Tokens of every (image, head) ranked by the cosine similarity of their key (rotated first with "
+        "rope_axes) to the keys' sum: (B, heads, N)",
+        py::arg("rows"), py::arg("batch"), py::arg("tokens"), py::arg("heads"), py::arg("rope_axes") = py::none(),
+        py::arg("height") = 0, py::arg("width") = 0);
   m.def("depthwise_forward", &mmsecvit::depthwise_forward,
         "Stride-1 'same' depthwise convolution of a (B, H, W, C) tensor (of its GELU with gelu_input) with a "
         "(C, 1, k, k) weight and optional bias",

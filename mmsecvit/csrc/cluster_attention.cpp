@@ -7,7 +7,8 @@
 // permutation back, with their passes over memory and their intermediate tensors.
 //
 // Layout: `rows` is (R, 3 * D), one row per (image, token, head) holding q, k (carrying the softmax scale)
-// and v. `sources` lists the rows of each cluster one cluster after another; `parts` is a flat list of
+// and v; or q and k before the rotary embedding and the scale, which the kernels then apply to each cluster's
+// copy of the rows (rotary.h) and, in backward, take back out of the q and k gradients. `sources` lists the rows of each cluster one cluster after another; `parts` is a flat list of
 // (first slot, cluster count, cluster length) triples. The output of the forward is (R, D); the backward
 // returns the gradient of `rows`. Each row belongs to exactly one cluster, so clusters run in parallel
 // without any two threads writing the same row.
@@ -21,6 +22,7 @@
 #include <vector>
 
 #ifdef MMSECVIT_AVX512
+#include "rotary.h"
 #include "vector_math.h"
 #endif
 
@@ -189,7 +191,7 @@ void prefetch_rows(const float* rows, int64_t stride, const int64_t* idx, int le
 
 template <int D>
 void forward_clusters(const float* rows, const int64_t* sources, int64_t begin, int64_t end, int length,
-                      float* out) {
+                      const Rope& rope, float* out) {
   const int ld = (length + 15) & ~15;
   Workspace ws(D, length, ld, false);
   for (int64_t c = begin; c < end; ++c) {
@@ -198,6 +200,8 @@ void forward_clusters(const float* rows, const int64_t* sources, int64_t begin, 
     // The cluster's rows first, in one pass; every later read then hits this thread's cache. (Reading q
     // straight from the scattered rows during the products took up to 40% longer on maps beyond the cache.)
     gather_rows<3 * D>(rows, 3 * D, idx, length, 0, ws.cluster.data());
+    if (rope.enabled())
+      for (int j = 0; j < length; ++j) rotate_row<D>(rope, idx[j], ws.cluster.data() + j * 3 * D);
     for (int i = 0; i < length; ++i) ws.row_ptrs[i] = ws.cluster.data() + i * 3 * D;
     transpose_block<D>(ws.cluster.data(), length, ld, D, ws.kt.data());
     copy_block<D>(ws.cluster.data(), length, 2 * D, ws.v.data());
@@ -209,7 +213,7 @@ void forward_clusters(const float* rows, const int64_t* sources, int64_t begin, 
 
 template <int D>
 void backward_clusters(const float* rows, const float* grad_out, const int64_t* sources, int64_t begin,
-                       int64_t end, int length, float* grad) {
+                       int64_t end, int length, const Rope& rope, float* grad) {
   const int ld = (length + 15) & ~15;
   const int vectors = ld / 16;
   Workspace ws(D, length, ld, true);
@@ -221,6 +225,8 @@ void backward_clusters(const float* rows, const float* grad_out, const int64_t* 
     }
     gather_rows<3 * D>(rows, 3 * D, idx, length, 0, ws.cluster.data());
     gather_rows<D>(grad_out, D, idx, length, 0, ws.dout.data());
+    if (rope.enabled())
+      for (int j = 0; j < length; ++j) rotate_row<D>(rope, idx[j], ws.cluster.data() + j * 3 * D);
     transpose_block<D>(ws.cluster.data(), length, ld, D, ws.kt.data());
     transpose_block<D>(ws.cluster.data(), length, ld, 2 * D, ws.vt.data());
     copy_block<D>(ws.cluster.data(), length, 0, ws.q.data());
@@ -254,6 +260,8 @@ void backward_clusters(const float* rows, const float* grad_out, const int64_t* 
     weighted_sums<D>(ws.ds.data(), ld, false, ws.k.data(), length, idx, nullptr, grad, 3 * D);
     weighted_sums<D>(ws.ds.data(), ld, true, ws.q.data(), length, idx, nullptr, grad + D, 3 * D);
     weighted_sums<D>(ws.s.data(), ld, true, ws.dout.data(), length, idx, nullptr, grad + 2 * D, 3 * D);
+    if (rope.enabled())
+      for (int j = 0; j < length; ++j) rotate_row_gradient_back<D>(rope, idx[j], grad + idx[j] * 3 * D);
   }
 }
 
@@ -294,18 +302,20 @@ std::vector<Part> check_inputs(const at::Tensor& rows, const at::Tensor& sources
 }  // namespace
 
 at::Tensor cluster_attention_forward(const at::Tensor& rows, const at::Tensor& sources,
-                                     const std::vector<int64_t>& parts) {
+                                     const std::vector<int64_t>& parts, const c10::optional<at::Tensor>& rope_axes,
+                                     int64_t heads, int64_t height, int64_t width, double key_scale) {
   const auto checked = check_inputs(rows, sources, parts);
   const int64_t d = rows.size(1) / 3;
   auto out = at::empty({rows.size(0), d}, rows.options());
 #ifdef MMSECVIT_AVX512
+  const Rope rope = make_rope(rope_axes, heads, height, width, key_scale, rows);
   const float* row_data = rows.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   for (const Part& part : checked) {
     const int64_t* idx = sources.data_ptr<int64_t>() + part.first;
     at::parallel_for(0, part.count, 1, [&](int64_t begin, int64_t end) {
-      if (d == 32) forward_clusters<32>(row_data, idx, begin, end, part.length, out_data);
-      else forward_clusters<16>(row_data, idx, begin, end, part.length, out_data);
+      if (d == 32) forward_clusters<32>(row_data, idx, begin, end, part.length, rope, out_data);
+      else forward_clusters<16>(row_data, idx, begin, end, part.length, rope, out_data);
     });
   }
 #endif
@@ -313,7 +323,9 @@ at::Tensor cluster_attention_forward(const at::Tensor& rows, const at::Tensor& s
 }
 
 at::Tensor cluster_attention_backward(const at::Tensor& rows, const at::Tensor& sources,
-                                      const std::vector<int64_t>& parts, const at::Tensor& grad_out) {
+                                      const std::vector<int64_t>& parts, const at::Tensor& grad_out,
+                                      const c10::optional<at::Tensor>& rope_axes, int64_t heads, int64_t height,
+                                      int64_t width, double key_scale) {
   const auto checked = check_inputs(rows, sources, parts);
   const int64_t d = rows.size(1) / 3;
   TORCH_CHECK(grad_out.scalar_type() == at::kFloat && grad_out.is_contiguous() &&
@@ -321,14 +333,15 @@ at::Tensor cluster_attention_backward(const at::Tensor& rows, const at::Tensor& 
               "grad_out must be a contiguous float32 tensor with head_dim values per row");
   auto grad = at::empty_like(rows);
 #ifdef MMSECVIT_AVX512
+  const Rope rope = make_rope(rope_axes, heads, height, width, key_scale, rows);
   const float* row_data = rows.data_ptr<float>();
   const float* grad_out_data = grad_out.data_ptr<float>();
   float* grad_data = grad.data_ptr<float>();
   for (const Part& part : checked) {
     const int64_t* idx = sources.data_ptr<int64_t>() + part.first;
     at::parallel_for(0, part.count, 1, [&](int64_t begin, int64_t end) {
-      if (d == 32) backward_clusters<32>(row_data, grad_out_data, idx, begin, end, part.length, grad_data);
-      else backward_clusters<16>(row_data, grad_out_data, idx, begin, end, part.length, grad_data);
+      if (d == 32) backward_clusters<32>(row_data, grad_out_data, idx, begin, end, part.length, rope, grad_data);
+      else backward_clusters<16>(row_data, grad_out_data, idx, begin, end, part.length, rope, grad_data);
     });
   }
 #endif

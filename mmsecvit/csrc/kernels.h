@@ -22,14 +22,20 @@ inline bool cpu_supported() {
 #endif
 }
 
-// Attention inside clusters of packed q/k/v rows (cluster_attention.cpp).
+// Attention inside clusters of packed q/k/v rows (cluster_attention.cpp). With `rope_axes` (see rotary.h) the
+// rows' q and k are not yet rotated or scaled; the kernels do both.
 at::Tensor cluster_attention_forward(const at::Tensor& rows, const at::Tensor& sources,
-                                     const std::vector<int64_t>& parts);
+                                     const std::vector<int64_t>& parts, const c10::optional<at::Tensor>& rope_axes,
+                                     int64_t heads, int64_t height, int64_t width, double key_scale);
 at::Tensor cluster_attention_backward(const at::Tensor& rows, const at::Tensor& sources,
-                                      const std::vector<int64_t>& parts, const at::Tensor& grad_out);
+                                      const std::vector<int64_t>& parts, const at::Tensor& grad_out,
+                                      const c10::optional<at::Tensor>& rope_axes, int64_t heads, int64_t height,
+                                      int64_t width, double key_scale);
 
-// Ranked token indices (B, heads, N) of SEC attention from packed q/k/v rows (semantic_order.cpp).
-at::Tensor semantic_order(const at::Tensor& rows, int64_t batch, int64_t tokens, int64_t heads);
+// Ranked token indices (B, heads, N) of SEC attention from packed q/k/v rows (semantic_order.cpp), whose keys
+// are rotated first when `rope_axes` is given (N = height * width then).
+at::Tensor semantic_order(const at::Tensor& rows, int64_t batch, int64_t tokens, int64_t heads,
+                          const c10::optional<at::Tensor>& rope_axes, int64_t height, int64_t width);
 
 // Stride-1 "same" depthwise convolution of a (B, H, W, C) tensor with contiguous channels, optionally of the
 // exact GELU of the input; returns a contiguous (B, H, W, C) tensor (depthwise.cpp).

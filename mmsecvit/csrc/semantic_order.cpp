@@ -14,6 +14,10 @@
 #include <cstring>
 #include <vector>
 
+#ifdef MMSECVIT_AVX512
+#include "rotary.h"
+#endif
+
 namespace mmsecvit {
 namespace {
 
@@ -28,26 +32,45 @@ inline uint32_t order_preserving_bits(float value) {
   return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
 }
 
-// Scores of one (image, head): dot(k_n, centre) / max(|k_n|, 1e-12) for every token n, as sortable keys.
+// Key of token n (D / 16 vectors), rotated when `rope` is enabled (its scale does not change the ranking).
 template <int D>
-void score_keys(const float* keys, int64_t tokens, int64_t token_stride, uint32_t* out) {
+inline void load_key(const float* keys, int64_t n, int64_t token_stride, const Rope& rope, int64_t first_row,
+                     __m512* k) {
+  for (int v = 0; v < D / 16; ++v) k[v] = _mm512_loadu_ps(keys + n * token_stride + v * 16);
+  if (rope.enabled()) {
+    __m512 cos[D / 16], sin[D / 16];
+    rotation_of<D>(rope, first_row + n * rope.heads, cos, sin);
+    for (int v = 0; v < D / 16; ++v) k[v] = rotate(k[v], cos[v], sin[v]);
+  }
+}
+
+// Scores of one (image, head): dot(k_n, centre) / max(|k_n|, 1e-12) for every token n, as sortable keys.
+// `first_row` is the packed row of its token 0 (for the rotation).
+template <int D>
+void score_keys(const float* keys, int64_t tokens, int64_t token_stride, const Rope& rope, int64_t first_row,
+                uint32_t* out) {
   constexpr int V = D / 16;
   // The keys' sum in float64 (a float32 running sum over 67200 tokens would be off by ~1e-5 relative).
   __m512d sum[2 * V];
   for (int v = 0; v < 2 * V; ++v) sum[v] = _mm512_setzero_pd();
-  for (int64_t n = 0; n < tokens; ++n)
-    for (int v = 0; v < 2 * V; ++v)
-      sum[v] = _mm512_add_pd(sum[v], _mm512_cvtps_pd(_mm256_loadu_ps(keys + n * token_stride + v * 8)));
+  __m512 k[V];
+  for (int64_t n = 0; n < tokens; ++n) {
+    load_key<D>(keys, n, token_stride, rope, first_row, k);
+    for (int v = 0; v < V; ++v) {
+      sum[2 * v] = _mm512_add_pd(sum[2 * v], _mm512_cvtps_pd(_mm512_castps512_ps256(k[v])));
+      sum[2 * v + 1] = _mm512_add_pd(sum[2 * v + 1], _mm512_cvtps_pd(_mm512_extractf32x8_ps(k[v], 1)));
+    }
+  }
   __m512 centre[V];
   for (int v = 0; v < V; ++v)
     centre[v] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(sum[2 * v])),
                                    _mm512_cvtpd_ps(sum[2 * v + 1]), 1);
   for (int64_t n = 0; n < tokens; ++n) {
+    load_key<D>(keys, n, token_stride, rope, first_row, k);
     __m512 dot = _mm512_setzero_ps(), square = _mm512_setzero_ps();
     for (int v = 0; v < V; ++v) {
-      const __m512 k = _mm512_loadu_ps(keys + n * token_stride + v * 16);
-      dot = _mm512_fmadd_ps(k, centre[v], dot);
-      square = _mm512_fmadd_ps(k, k, square);
+      dot = _mm512_fmadd_ps(k[v], centre[v], dot);
+      square = _mm512_fmadd_ps(k[v], k[v], square);
     }
     const float norm = std::max(std::sqrt(_mm512_reduce_add_ps(square)), 1e-12f);
     out[n] = order_preserving_bits(_mm512_reduce_add_ps(dot) / norm);
@@ -80,7 +103,8 @@ void radix_argsort(uint32_t* keys, uint32_t* spare_keys, uint32_t* index, uint32
 
 }  // namespace
 
-at::Tensor semantic_order(const at::Tensor& rows, int64_t batch, int64_t tokens, int64_t heads) {
+at::Tensor semantic_order(const at::Tensor& rows, int64_t batch, int64_t tokens, int64_t heads,
+                          const c10::optional<at::Tensor>& rope_axes, int64_t height, int64_t width) {
   TORCH_CHECK(cpu_supported(), "mmsecvit ranking kernel: this CPU lacks AVX-512 (avx512f, avx512dq)");
   TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kFloat && rows.dim() == 2 && rows.is_contiguous(),
               "rows must be a contiguous 2-D float32 CPU tensor");
@@ -90,8 +114,11 @@ at::Tensor semantic_order(const at::Tensor& rows, int64_t batch, int64_t tokens,
               "rows must have batch * tokens * heads rows, got ", rows.size(0), " for ", batch, " x ", tokens, " x ",
               heads);
   TORCH_CHECK(tokens < (int64_t{1} << 32), "at most 2^32 - 1 tokens per image");
+  TORCH_CHECK(!rope_axes.has_value() || height * width == tokens, "rope: height * width must be the token count, got ",
+              height, " x ", width, " for ", tokens, " tokens");
   auto order = at::empty({batch, heads, tokens}, rows.options().dtype(at::kLong));
 #ifdef MMSECVIT_AVX512
+  const Rope rope = make_rope(rope_axes, heads, height, width, 1.0, rows);
   const int64_t head_dim = rows.size(1) / 3;
   const float* data = rows.data_ptr<float>();
   int64_t* out = order.data_ptr<int64_t>();
@@ -103,8 +130,9 @@ at::Tensor semantic_order(const at::Tensor& rows, int64_t batch, int64_t tokens,
       // k of token n of this (image, head) is at row (b * tokens + n) * heads + h, after q.
       const float* first_key = data + ((b * tokens) * heads + h) * 3 * head_dim + head_dim;
       const int64_t token_stride = heads * 3 * head_dim;
-      if (head_dim == 16) score_keys<16>(first_key, tokens, token_stride, keys);
-      else score_keys<32>(first_key, tokens, token_stride, keys);
+      const int64_t first_row = b * tokens * heads + h;
+      if (head_dim == 16) score_keys<16>(first_key, tokens, token_stride, rope, first_row, keys);
+      else score_keys<32>(first_key, tokens, token_stride, rope, first_row, keys);
       radix_argsort(keys, keys + tokens, keys + 2 * tokens, keys + 3 * tokens, tokens, out + group * tokens);
     }
   });

@@ -9,21 +9,24 @@ only real tokens, so nothing is padded, no padded token shifts the centre and no
 
 Layout used for speed: q, k and v of one (token, head) pair are stored as one row of ``3 * head_dim``
 values (a "packed" tensor of shape (B, N, heads, 3, head_dim)). Every head's tokens in cluster order are
-then a list of row indices, and each cluster a consecutive run of that list.
+then a list of row indices, and each cluster a consecutive run of that list. Given the rotary tables, the
+compiled kernels take the rows before the rotary embedding and apply it themselves (to each cluster's copy
+of the rows); the other implementations rotate the packed tensor first.
 
 Three implementations of the attention inside clusters (:func:`attention_impl` picks one):
 
 - ``'kernel'``: the compiled CPU kernel (``mmsecvit/csrc/cluster_attention.cpp``, float32, AVX-512). It
-  reads each cluster's rows through the index list and writes every result row straight to its place in
-  (B, N, heads * head_dim) order, so no permuted copy is made.
+  reads each cluster's rows through the index list (rotating q and k in its copy of them) and writes every
+  result row straight to its place in (B, N, heads * head_dim) order, so no permuted or rotated copy of the
+  rows is made.
 - ``'chunked'``: the rows permuted into cluster order (``index_select`` of contiguous rows, whose gradient is
   the inverse permutation), batched matrix products over cache-sized chunks of clusters
   (:class:`_ClusterAttention`), and the inverse permutation back.
 - ``'fused'``: the same permutations around PyTorch's fused attention over a 4-D batch (GPU, autocast,
   and global attention).
 """
+import functools
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +73,7 @@ def _kernel_fits(packed):
 
 
 @torch.no_grad()
-def semantic_order(packed):
+def semantic_order(packed, rope=None):
     """Rank each head's tokens by the cosine similarity of their key to the mean key (ascending).
 
     The centre is the keys' sum: its length, a positive factor per head, does not change the ranking.
@@ -81,13 +84,19 @@ def semantic_order(packed):
 
     Args:
         packed (Tensor): Packed q, k, v of shape (B, N, heads, 3, head_dim).
+        rope (RotaryTables | None): If given, the keys are not rotated yet and are ranked rotated.
 
     Returns:
         Tensor: Token indices of shape (B, heads, N).
     """
     batch, num_tokens, heads, _, head_dim = packed.shape
     if _kernel_fits(packed):
-        return _kernels.semantic_order(packed.reshape(-1, 3 * head_dim).contiguous(), batch, num_tokens, heads)
+        rows = packed.reshape(-1, 3 * head_dim).contiguous()
+        if rope is None:
+            return _kernels.semantic_order(rows, batch, num_tokens, heads)
+        return _kernels.semantic_order(rows, batch, num_tokens, heads, rope.axes, rope.height, rope.width)
+    if rope is not None:
+        packed = apply_rope(packed.clone(), rope)  # without autograd: rotates the copy in place
     k = packed[:, :, :, 1]
     dots = torch.einsum('bnhd,bhd->bhn', k, k.sum(dim=1))
     norms = torch.linalg.vector_norm(k, dim=-1).transpose(1, 2)
@@ -115,12 +124,13 @@ def argsort_rows(scores):
     return flat - rows * num_tokens
 
 
-def cluster_assignment(packed, cluster_len):
+def cluster_assignment(packed, cluster_len, rope=None):
     """Cluster index of every token, in the original token order.
 
     Args:
         packed (Tensor): Packed q, k, v of shape (B, N, heads, 3, head_dim).
         cluster_len (int): Tokens per cluster; ``>= N`` puts every token in cluster 0.
+        rope (RotaryTables | None): If given, q and k are not rotated yet (see :func:`sec_attention`).
 
     Returns:
         Tensor: Shape (B, heads, N), values in ``[0, ceil(N / cluster_len))``.
@@ -128,7 +138,7 @@ def cluster_assignment(packed, cluster_len):
     batch, num_tokens, heads = packed.shape[:3]
     if cluster_len >= num_tokens:
         return torch.zeros(batch, heads, num_tokens, dtype=torch.long, device=packed.device)
-    order = semantic_order(packed)
+    order = semantic_order(packed, rope)
     rank_cluster = (torch.arange(num_tokens, device=packed.device) // cluster_len).expand_as(order)
     return torch.empty_like(order).scatter_(-1, order, rank_cluster)
 
@@ -237,18 +247,20 @@ class _ClusterAttention(torch.autograd.Function):
 
 class _KernelClusterAttention(torch.autograd.Function):
     """The compiled kernel: attention inside the clusters listed by ``sources``, straight from and to packed
-    rows in token order. Backward recomputes each cluster's probabilities, as :class:`_ClusterAttention` does."""
+    rows in token order, the rows' q and k rotated by the kernel where ``rope`` (the kernels' rotary
+    arguments, see :meth:`RotaryTables.kernel_args`) is not empty. Backward recomputes each cluster's
+    probabilities, as :class:`_ClusterAttention` does."""
 
     @staticmethod
-    def forward(ctx, rows, sources, parts):
+    def forward(ctx, rows, sources, parts, rope):
         ctx.save_for_backward(rows, sources)
-        ctx.parts = parts
-        return _kernels.forward(rows, sources, parts)
+        ctx.parts, ctx.rope = parts, rope
+        return _kernels.forward(rows, sources, parts, *rope)
 
     @staticmethod
     def backward(ctx, grad_out):
         rows, sources = ctx.saved_tensors
-        return _kernels.backward(rows, sources, ctx.parts, grad_out.contiguous()), None, None
+        return _kernels.backward(rows, sources, ctx.parts, grad_out.contiguous(), *ctx.rope), None, None, None
 
 
 def attention_impl(packed, cluster_len):
@@ -267,40 +279,48 @@ def attention_impl(packed, cluster_len):
     return 'chunked' if packed.dtype in (torch.float32, torch.float64) else 'fused'
 
 
-def sec_attention(packed, cluster_len, impl=None):
+def sec_attention(packed, cluster_len, impl=None, rope=None):
     """SEC attention on packed q, k, v.
 
     Args:
         packed (Tensor): Shape (B, N, heads, 3, head_dim): q and k with rotary embedding, k scaled by
-            ``head_dim ** -0.5``, and v.
+            ``head_dim ** -0.5``, and v; or, with ``rope``, q and k before both.
         cluster_len (int): Tokens per cluster; ``>= N`` means global attention.
         impl (str | None): ``'kernel'``, ``'chunked'`` or ``'fused'`` (see the module docstring); None picks
             the fastest for the input (:func:`attention_impl`). Global attention always uses the fused kernel.
+        rope (RotaryTables | None): Rotary tables of the map (:func:`rope_tables`) when ``packed`` is not
+            rotated yet: the compiled kernel rotates each cluster's copy of the rows, the other implementations
+            rotate ``packed`` first (:func:`apply_rope`).
 
     Returns:
         Tensor: Shape (B, N, heads * head_dim), in the original token order.
     """
     batch, num_tokens, heads, _, head_dim = packed.shape
-    if cluster_len >= num_tokens:
+    global_attention = cluster_len >= num_tokens
+    if not global_attention:
+        impl = attention_impl(packed, cluster_len) if impl is None else impl
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f'Unknown SEC attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}')
+        if impl == 'kernel' and not kernel_available():
+            raise RuntimeError('The compiled cluster-attention kernel is not available (mmsecvit._kernels is not '
+                               'built, or this CPU lacks AVX-512); use impl="chunked" or "fused"')
+    if rope is not None and (global_attention or impl != 'kernel'):
+        packed, rope = apply_rope(packed, rope), None
+    if global_attention:
         q, k, v = (packed[:, :, :, i].transpose(1, 2) for i in range(3))
         return attend(q, k, v).transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
 
-    impl = attention_impl(packed, cluster_len) if impl is None else impl
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f'Unknown SEC attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}')
-    if impl == 'kernel' and not kernel_available():
-        raise RuntimeError('The compiled cluster-attention kernel is not available (mmsecvit._kernels is not '
-                           'built, or this CPU lacks AVX-512); use impl="chunked" or "fused"')
     num_full = num_tokens // cluster_len
     split = num_full * cluster_len
     groups = batch * heads
-    sources = cluster_slot_sources(semantic_order(packed), split)
+    sources = cluster_slot_sources(semantic_order(packed, rope), split)
     parts = [(0, groups * num_full, cluster_len)]
     if split < num_tokens:
         parts.append((groups * split, groups, num_tokens - split))
     if impl == 'kernel':
         rows = packed.reshape(-1, 3 * head_dim).contiguous()
-        out = _KernelClusterAttention.apply(rows, sources, [value for part in parts for value in part])
+        out = _KernelClusterAttention.apply(rows, sources, [value for part in parts for value in part],
+                                            () if rope is None else rope.kernel_args(heads))
         return out.view(batch, num_tokens, heads * head_dim)
 
     inverse = torch.empty_like(sources).scatter_(0, sources, torch.arange(len(sources), device=sources.device))
@@ -326,20 +346,63 @@ def rope_angles(head_dim, device=None):
     return angle.repeat_interleave(2)
 
 
-class RotaryTables(NamedTuple):
-    """Per-token rotations of q, k and v (identity), shape (N, 1, 3, head_dim // 2): they broadcast over
-    packed (B, N, heads, 3, pairs). ``cos`` and ``sin`` are views of ``complex``."""
-    cos: torch.Tensor
-    sin: torch.Tensor
-    complex: torch.Tensor  # cos + i sin, for the float32/float64 path
+class RotaryTables:
+    """Rotations of q and k (2-D rotary embedding, keys also scaled) for every token of an ``height x width``
+    map, built when first needed (:func:`rope_tables`).
+
+    The first half of the channel pairs rotate with the row index, the second half with the column index,
+    so the sines and cosines are computed per row and per column.
+
+    Attributes:
+        complex (Tensor): cos + i sin per token for q (index 0), k (index 1, times the key scale) and v
+            (index 2, identity), shape (N, 1, 3, head_dim // 2): it broadcasts over packed (B, N, heads, 3,
+            pairs). For the PyTorch paths; ``cos`` and ``sin`` are its real and imaginary views.
+        axes (Tensor): For the compiled kernels (float32): per row index, then per column index, the cosine
+            of each channel's pair and the signed sine (-sin, sin) of each pair, shape
+            (height + width, 2, head_dim // 2).
+    """
+
+    def __init__(self, height, width, angle, key_scale=1.0):
+        self.height, self.width, self.key_scale = height, width, key_scale
+        half = angle[::2]  # one frequency per rotated pair
+
+        def rotations(length):
+            theta = torch.arange(length, device=angle.device, dtype=angle.dtype)[:, None] * half
+            return torch.polar(torch.ones_like(theta), theta)
+
+        self._by_row, self._by_column = rotations(height), rotations(width)
+
+    @functools.cached_property
+    def complex(self):
+        rows, cols, height, width = self._by_row, self._by_column, self.height, self.width
+        rotation = rows.new_empty(height, width, 3, 2 * rows.shape[-1])
+        rotation[:, :, 0] = torch.cat([rows[:, None, :].expand(-1, width, -1), cols[None].expand(height, -1, -1)], -1)
+        torch.mul(rotation[:, :, 0], self.key_scale, out=rotation[:, :, 1])
+        rotation[:, :, 2] = 1
+        return rotation.view(height * width, 1, 3, -1)
+
+    @property
+    def cos(self):
+        return self.complex.real
+
+    @property
+    def sin(self):
+        return self.complex.imag
+
+    @functools.cached_property
+    def axes(self):
+        both = torch.cat([self._by_row, self._by_column])
+        cos = both.real.repeat_interleave(2, dim=-1)
+        sin = torch.stack([-both.imag, both.imag], dim=-1).flatten(-2)
+        return torch.stack([cos, sin], dim=1).float().contiguous()
+
+    def kernel_args(self, heads):
+        """The compiled attention kernels' rotary arguments for packed rows of ``heads`` heads."""
+        return self.axes, heads, self.height, self.width, self.key_scale
 
 
 def rope_tables(height, width, angle, key_scale=1.0):
     """Rotations of q and k for every token of an ``height x width`` map (v is left unrotated).
-
-    The first half of the channel pairs rotate with the row index, the second half with the column index,
-    so the sines and cosines are computed per row and per column and only copied out per token. The key
-    rotation also carries the softmax scale.
 
     Args:
         height, width (int): Feature map size.
@@ -347,22 +410,9 @@ def rope_tables(height, width, angle, key_scale=1.0):
         key_scale (float): Factor folded into the key rotation (``head_dim ** -0.5``).
 
     Returns:
-        RotaryTables: one value per channel pair for q (index 0), k (index 1) and v (index 2, identity).
+        RotaryTables: the tables, each computed when first used.
     """
-    half = angle[::2]  # one frequency per rotated pair
-
-    def rotations(length):
-        theta = torch.arange(length, device=angle.device, dtype=angle.dtype)[:, None] * half
-        return torch.polar(torch.ones_like(theta), theta)
-
-    rows, cols = rotations(height), rotations(width)
-    rotation = rows.new_empty(height, width, 3, 2 * half.numel())
-    rotation[:, :, 0] = torch.cat([rows[:, None, :].expand(-1, width, -1), cols[None].expand(height, -1, -1)], -1)
-    torch.mul(rotation[:, :, 0], key_scale, out=rotation[:, :, 1])
-    rotation[:, :, 2] = 1
-    rotation = rotation.view(height * width, 1, 3, -1)
-    real = torch.view_as_real(rotation)
-    return RotaryTables(real[..., 0], real[..., 1], rotation)
+    return RotaryTables(height, width, angle, key_scale)
 
 
 def _rotate(packed, rotation):
@@ -375,34 +425,39 @@ def _copy_values(packed):
     return packed[:, :, :, 2].clone(memory_format=torch.contiguous_format).flatten(2)
 
 
-class _RotateSplitValues(torch.autograd.Function):
-    """The rotary embedding of packed q/k/v and a contiguous copy of v, with one backward.
+class _SplitValues(torch.autograd.Function):
+    """Packed q/k/v passed on, and a contiguous copy of v, with one backward.
 
     v feeds both the attention (through the packed tensor) and the LePE branch (through the copy). Plain
     autograd would give the copy's gradient a packed-size zero tensor and then add the two packed-size
-    gradients; here it is added into v's slice of the rotated gradient in place.
+    gradients; here it is added into v's slice of the packed gradient in place. That gradient is the
+    attention's own new tensor (from the compiled kernel, the inverse permutation or the rotary embedding's
+    backward), which nothing else reads.
     """
 
     @staticmethod
-    def forward(ctx, packed, rotation):
-        ctx.save_for_backward(rotation)
+    def forward(ctx, packed):
         ctx.packed_shape = packed.shape
-        return _rotate(packed, rotation), _copy_values(packed)
+        return packed, _copy_values(packed)
 
     @staticmethod
-    def backward(ctx, grad_rotated, grad_values):
-        (rotation,) = ctx.saved_tensors
-        if grad_rotated is None:
-            grad = grad_values.new_zeros(ctx.packed_shape)
-        else:
-            grad = _rotate(grad_rotated.contiguous(), rotation.conj())
+    def backward(ctx, grad_packed, grad_values):
+        grad = grad_values.new_zeros(ctx.packed_shape) if grad_packed is None else grad_packed.contiguous()
         if grad_values is not None:
             values = grad[:, :, :, 2]
             values += grad_values.view(values.shape)
-        return grad, None
+        return grad
 
 
-def apply_rope(packed, rope, with_values=False):
+def split_values(packed):
+    """``(packed, v)``: v of packed (B, N, heads, 3, head_dim) as a new contiguous (B, N, heads * head_dim)
+    tensor (the LePE input); with autograd the two gradients join in place (:class:`_SplitValues`)."""
+    if torch.is_grad_enabled() and packed.requires_grad:
+        return _SplitValues.apply(packed)
+    return packed, _copy_values(packed)
+
+
+def apply_rope(packed, rope):
     """Rotate adjacent channel pairs ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)`` of q and k.
 
     One complex multiplication in float32/float64 (in place when no gradient is recorded); elementwise
@@ -411,21 +466,16 @@ def apply_rope(packed, rope, with_values=False):
     Args:
         packed (Tensor): Shape (B, N, heads, 3, head_dim), q, k and v; adjacent channels form the pairs.
         rope (RotaryTables): Tables from :func:`rope_tables`.
-        with_values (bool): Also return v as a contiguous (B, N, heads * head_dim) tensor (the LePE input);
-            with autograd its gradient then joins the packed one in place (:class:`_RotateSplitValues`).
 
     Returns:
-        Tensor | tuple[Tensor, Tensor]: The rotated packed tensor, and v if ``with_values``.
+        Tensor: The rotated packed tensor.
     """
     if packed.dtype == rope.complex.real.dtype:
         if not torch.is_grad_enabled():
             torch.view_as_complex(packed.unflatten(-1, (-1, 2))).mul_(rope.complex)
-            return (packed, _copy_values(packed)) if with_values else packed
-        if with_values:
-            return _RotateSplitValues.apply(packed, rope.complex)
+            return packed
         return _rotate(packed, rope.complex)
     cos, sin = rope.cos.to(packed.dtype), rope.sin.to(packed.dtype)
     pairs = packed.unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
-    return (rotated, _copy_values(packed)) if with_values else rotated
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)

@@ -19,7 +19,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .checkpoint_utils import load_backbone_checkpoint
 from .depthwise_conv import depthwise_nhwc, gelu_depthwise_grads, gelu_depthwise_nhwc
 from .reuse import reuse_without_grad
-from .sec_attention import apply_rope, cluster_assignment, cluster_length, rope_angles, rope_tables, sec_attention
+from .sec_attention import (cluster_assignment, cluster_length, rope_angles, rope_tables, sec_attention,
+                            split_values)
 
 # Variants of the official classification models. Every released variant uses 32, 8, 2 clusters in
 # stages 1-3 and global attention in stage 4 (98 tokens per cluster at 224 px).
@@ -227,10 +228,10 @@ class SECAttention(nn.Module):
     def cluster_length(self, num_tokens):
         return cluster_length(num_tokens, self.num_clusters, self.cluster_size)
 
-    def project(self, x, rope, norm=None, with_values=False):
+    def project(self, x, norm=None):
         """x: (B, H, W, C), normalised first by ``norm`` (an nn.LayerNorm) if given. Returns q, k, v packed as
-        (B, N, heads, 3, head_dim), with the rotary embedding on q and k and the softmax scale on k, and with
-        ``with_values`` also v as (B, N, C) (the LePE input; see :func:`apply_rope`).
+        (B, N, heads, 3, head_dim), before the rotary embedding and the softmax scale (:func:`sec_attention`
+        applies both).
 
         The qkv rows are regrouped per head (:meth:`per_head_qkv`; the parameter keeps the official layout),
         so the projection writes every (token, head) row of q, k and v contiguously.
@@ -238,7 +239,7 @@ class SECAttention(nn.Module):
         batch, height, width, _ = x.shape
         weight, bias = reuse_without_grad(self.qkv, 'per_head', self.per_head_qkv, self.qkv.weight, self.qkv.bias)
         packed = linear_nhwc(x, weight, bias) if norm is None else norm_linear_nhwc(x, norm, weight, bias)
-        return apply_rope(packed.view(batch, height * width, self.num_heads, 3, self.head_dim), rope, with_values)
+        return packed.view(batch, height * width, self.num_heads, 3, self.head_dim)
 
     def per_head_qkv(self, weight, bias):
         """qkv weight and bias with rows ordered (head, q/k/v, channel) instead of (q/k/v, head, channel)."""
@@ -249,16 +250,17 @@ class SECAttention(nn.Module):
 
     def cluster_ids(self, x, rope, norm=None):
         """Cluster index of every position per head, shape (B, heads, H, W), for inspection."""
-        packed = self.project(x, rope, norm)
-        return cluster_assignment(packed, self.cluster_length(packed.shape[1])).unflatten(-1, x.shape[1:3])
+        packed = self.project(x, norm)
+        clusters = cluster_assignment(packed, self.cluster_length(packed.shape[1]), rope)
+        return clusters.unflatten(-1, x.shape[1:3])
 
     def forward(self, x, rope, norm=None):
         """x: (B, H, W, C); rope: tables from :func:`rope_tables`; norm: the block's pre-norm (nn.LayerNorm) or
         None, applied to ``x`` in the projection (:func:`norm_linear_nhwc`: its output is not kept for
         backward). Returns (B, H, W, C)."""
-        packed, values = self.project(x, rope, norm, with_values=True)
+        packed, values = split_values(self.project(x, norm))
         lepe = depthwise_nhwc(self.lepe, values.view(x.shape))
-        out = sec_attention(packed, self.cluster_length(packed.shape[1])).view_as(x)
+        out = sec_attention(packed, self.cluster_length(packed.shape[1]), rope=rope).view_as(x)
         return linear_nhwc(out + lepe, self.proj.weight, self.proj.bias)
 
 
