@@ -399,11 +399,13 @@ def test_linear_nhwc_inference_path_equals_linear():
         torch.testing.assert_close(linear_nhwc(small, weight, bias), F.linear(small, weight, bias))
 
 
-def test_linear_nhwc_training_path_matches_float64_linear_with_gradients():
-    x = torch.randn(2, 40, 33, 48, requires_grad=True)  # 1320 positions: the 1x1-convolution path
-    weight = (torch.randn(96, 48) * 0.1).requires_grad_()
-    bias = torch.randn(96, requires_grad=True)
-    grad_out = torch.randn(2, 33, 40, 96).transpose(1, 2)  # a non-contiguous incoming gradient
+# A widening layer (weight gradient from a matmul) and a narrowing one (from oneDNN's 1x1 convolution).
+@pytest.mark.parametrize('in_dims, out_dims', [(48, 96), (96, 48)])
+def test_linear_nhwc_training_path_matches_float64_linear_with_gradients(in_dims, out_dims):
+    x = torch.randn(2, 40, 33, in_dims, requires_grad=True)  # 1320 positions: the 1x1-convolution path
+    weight = (torch.randn(out_dims, in_dims) * 0.1).requires_grad_()
+    bias = torch.randn(out_dims, requires_grad=True)
+    grad_out = torch.randn(2, 33, 40, out_dims).transpose(1, 2)  # a non-contiguous incoming gradient
     out = linear_nhwc(x, weight, bias)
     assert out.grad_fn is not None and 'PointwiseConv' in type(out.grad_fn).__name__
     grads = torch.autograd.grad(out, (x, weight, bias), grad_out)
