@@ -261,7 +261,7 @@ void backward_clusters(const float* rows, const float* grad_out, const int64_t* 
     weighted_sums<D>(ws.ds.data(), ld, true, ws.q.data(), length, idx, nullptr, grad + D, 3 * D);
     weighted_sums<D>(ws.s.data(), ld, true, ws.dout.data(), length, idx, nullptr, grad + 2 * D, 3 * D);
     if (rope.enabled())
-      for (int j = 0; j < length; ++j) rotate_row_gradient_back<D>(rope, idx[j], grad + idx[j] * 3 * D);
+      for (int j = 0; j < length; ++j) rotate_row<D>(rope, idx[j], grad + idx[j] * 3 * D, true);
   }
 }
 

@@ -70,29 +70,24 @@ inline __m512 rotate_back(__m512 x, __m512 cos, __m512 sin) {
   return _mm512_fnmadd_ps(_mm512_permute_ps(x, 0xB1), sin, _mm512_mul_ps(x, cos));
 }
 
-// q and k of a packed row (3 * D values at `values`, the row's number is `row`) rotated in place, k scaled.
+// q and k of a packed row (3 * D values at `values`; the row's number is `row`) rotated in place and k
+// scaled or, with `gradient`, q's and k's gradients taken back through that (the scale, then the inverse
+// rotation).
 template <int D>
-inline void rotate_row(const Rope& rope, int64_t row, float* values) {
+inline void rotate_row(const Rope& rope, int64_t row, float* values, bool gradient = false) {
   __m512 cos[D / 16], sin[D / 16];
   rotation_of<D>(rope, row, cos, sin);
   const __m512 scale = _mm512_set1_ps(rope.key_scale);
   for (int v = 0; v < D / 16; ++v) {
-    _mm512_storeu_ps(values + v * 16, rotate(_mm512_loadu_ps(values + v * 16), cos[v], sin[v]));
-    _mm512_storeu_ps(values + D + v * 16,
-                     _mm512_mul_ps(rotate(_mm512_loadu_ps(values + D + v * 16), cos[v], sin[v]), scale));
-  }
-}
-
-// The gradient of a packed row's q and k taken back through rotate_row, in place.
-template <int D>
-inline void rotate_row_gradient_back(const Rope& rope, int64_t row, float* grad) {
-  __m512 cos[D / 16], sin[D / 16];
-  rotation_of<D>(rope, row, cos, sin);
-  const __m512 scale = _mm512_set1_ps(rope.key_scale);
-  for (int v = 0; v < D / 16; ++v) {
-    _mm512_storeu_ps(grad + v * 16, rotate_back(_mm512_loadu_ps(grad + v * 16), cos[v], sin[v]));
-    _mm512_storeu_ps(grad + D + v * 16,
-                     rotate_back(_mm512_mul_ps(_mm512_loadu_ps(grad + D + v * 16), scale), cos[v], sin[v]));
+    float* q = values + v * 16;
+    float* k = values + D + v * 16;
+    if (gradient) {
+      _mm512_storeu_ps(q, rotate_back(_mm512_loadu_ps(q), cos[v], sin[v]));
+      _mm512_storeu_ps(k, rotate_back(_mm512_mul_ps(_mm512_loadu_ps(k), scale), cos[v], sin[v]));
+    } else {
+      _mm512_storeu_ps(q, rotate(_mm512_loadu_ps(q), cos[v], sin[v]));
+      _mm512_storeu_ps(k, _mm512_mul_ps(rotate(_mm512_loadu_ps(k), cos[v], sin[v]), scale));
+    }
   }
 }
 
