@@ -8,8 +8,9 @@
 //
 // Layout: `rows` is (R, 3 * D), one row per (image, token, head) holding q, k (carrying the softmax scale)
 // and v; or q and k before the rotary embedding and the scale, which the kernels then apply to each cluster's
-// copy of the rows (rotary.h) and, in backward, take back out of the q and k gradients. `sources` lists the rows of each cluster one cluster after another; `parts` is a flat list of
-// (first slot, cluster count, cluster length) triples. The output of the forward is (R, D); the backward
+// copy of the rows (rotary.h) and, in backward, take back out of the q and k gradients. `sources` lists the
+// rows of each cluster one cluster after another; `parts` is a flat list of (first slot, cluster count,
+// cluster length) triples. The output of the forward is (R, D); the backward
 // returns the gradient of `rows`. Each row belongs to exactly one cluster, so clusters run in parallel
 // without any two threads writing the same row.
 #include "kernels.h"

@@ -91,14 +91,13 @@ def pointwise_conv(x, weight, bias=None):
 def _row_grad(grad, inputs, param):
     """Gradient of a linear layer's weight from (..., out) gradients and (..., in) inputs.
 
-    On float32 CPU (B, H, W, C) maps of at least ``POINTWISE_CONV_MIN_TOKENS`` positions where the layer
-    narrows or keeps the width (out <= in: proj, fc2) it is oneDNN's 1x1-convolution weight gradient, which
+    On the (B, H, W, C) maps that :func:`linear_nhwc` runs as 1x1 convolutions, where the layer narrows or
+    keeps the width (out <= in: proj, fc2) it is oneDNN's 1x1-convolution weight gradient, which
     took 0.56-0.95x the matmul's time on this model's shapes at detection resolution (narrowest stage-1
     shapes fastest); where the layer widens the matmul was as fast or faster. Elsewhere it is the matmul.
     """
-    if (grad.dim() == 4 and grad.shape[-1] <= inputs.shape[-1] and grad.device.type == 'cpu'
-            and grad.dtype == inputs.dtype == param.dtype == torch.float32
-            and grad.shape[1] * grad.shape[2] >= POINTWISE_CONV_MIN_TOKENS and not torch.jit.is_tracing()):
+    if (grad.dim() == 4 and grad.shape[-1] <= inputs.shape[-1] and grad.dtype == inputs.dtype == param.dtype
+            and _pointwise_conv_fits(grad)):
         return torch.ops.aten.convolution_backward(
             grad.permute(0, 3, 1, 2), inputs.permute(0, 3, 1, 2), param.detach()[:, :, None, None], None, [1, 1],
             [0, 0], [1, 1], False, [0, 0], 1, [False, True, False])[1].view(param.shape)
@@ -147,10 +146,16 @@ def resolve_recompute_ffn(value, num_stages):
     return modes
 
 
+def _plain_cpu_float32(x):
+    """Whether ``x`` is a float32 CPU tensor outside autocast and traced graphs (FLOP counting), where the
+    hand-written CPU paths of this module apply."""
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_autocast_enabled('cpu')
+            and not torch.jit.is_tracing())
+
+
 def _pointwise_conv_fits(x):
-    """Whether :func:`linear_nhwc` runs ``x`` as a 1x1 convolution (see there)."""
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and x.shape[1] * x.shape[2] >= POINTWISE_CONV_MIN_TOKENS
-            and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing())
+    """Whether :func:`linear_nhwc` runs the (B, H, W, C) ``x`` as a 1x1 convolution (see there)."""
+    return _plain_cpu_float32(x) and x.shape[1] * x.shape[2] >= POINTWISE_CONV_MIN_TOKENS
 
 
 def linear_nhwc(x, weight, bias):
@@ -208,8 +213,7 @@ def norm_linear_nhwc(x, norm, weight, bias):
     tensors outside autocast and traced graphs, the normalised map is recomputed in backward instead of kept
     (:class:`_NormLinear`)."""
     params = (x, norm.weight, norm.bias, weight, bias)
-    if (x.device.type == 'cpu' and x.dtype == torch.float32 and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing()
+    if (_plain_cpu_float32(x) and torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in params)):
         return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, weight, bias)
     return linear_nhwc(norm(x), weight, bias)
