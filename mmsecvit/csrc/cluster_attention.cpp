@@ -129,10 +129,10 @@ void softmax_numerators(float* s, int length, int ld, float* inv_sum) {
     __m512 m = _mm512_set1_ps(-INFINITY);
     for (int t = 0; t < vectors - 1; ++t) m = _mm512_max_ps(m, _mm512_loadu_ps(row + t * 16));
     m = _mm512_mask_max_ps(m, last, m, _mm512_loadu_ps(row + (vectors - 1) * 16));
-    const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(m) * kLog2e);
     __m512 sum = _mm512_setzero_ps();
     for (int t = 0; t < vectors; ++t) {
-      __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + t * 16), row_max));
+      __m512 e = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + t * 16), _mm512_set1_ps(kLog2e), shift));
       if (t == vectors - 1) e = _mm512_maskz_mov_ps(last, e);
       _mm512_storeu_ps(row + t * 16, e);
       sum = _mm512_add_ps(sum, e);
@@ -147,6 +147,8 @@ struct Workspace {
   Workspace(int d, int length, int ld, bool backward)
       : cluster(length * 3 * d), kt(d * ld), v(length * d), s(length * ld), inv_sum(length), row_ptrs(length) {
     if (backward) {
+      slots.resize(length);
+      for (int j = 0; j < length; ++j) slots[j] = j;
       vt.resize(d * ld);
       q.resize(length * d);
       k.resize(length * d);
@@ -157,6 +159,7 @@ struct Workspace {
   }
   std::vector<float> cluster, kt, v, s, inv_sum, vt, q, k, dout, ds;
   std::vector<const float*> row_ptrs, grad_ptrs;
+  std::vector<int64_t> slots;  // 0 .. length - 1: the backward's rows within the cluster
 };
 
 template <int D>
@@ -164,16 +167,46 @@ void gather_rows(const float* rows, int64_t stride, const int64_t* idx, int leng
   for (int j = 0; j < length; ++j) std::memcpy(out + j * D, rows + idx[j] * stride + offset, D * sizeof(float));
 }
 
+// The 16 x 16 matrix whose rows are r[0..15], transposed in place.
+inline void transpose16(__m512* r) {
+  __m512 pairs[16];  // pairs[2i], pairs[2i + 1]: rows 2i and 2i + 1 interleaved, low and high halves of lanes
+  for (int i = 0; i < 8; ++i) {
+    pairs[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    pairs[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // quads[4i + m]: in lane k, column 4k + m of rows 4i .. 4i + 3.
+  __m512 quads[16];
+  for (int i = 0; i < 4; ++i)
+    for (int half = 0; half < 2; ++half) {
+      const __m512d a = _mm512_castps_pd(pairs[4 * i + half]), b = _mm512_castps_pd(pairs[4 * i + 2 + half]);
+      quads[4 * i + 2 * half] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      quads[4 * i + 2 * half + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  // Column 4k + m: lane k of quads[m], quads[4 + m], quads[8 + m], quads[12 + m].
+  for (int m = 0; m < 4; ++m) {
+    const __m512 low01 = _mm512_shuffle_f32x4(quads[m], quads[4 + m], 0x44);
+    const __m512 low23 = _mm512_shuffle_f32x4(quads[8 + m], quads[12 + m], 0x44);
+    const __m512 high01 = _mm512_shuffle_f32x4(quads[m], quads[4 + m], 0xEE);
+    const __m512 high23 = _mm512_shuffle_f32x4(quads[8 + m], quads[12 + m], 0xEE);
+    r[m] = _mm512_shuffle_f32x4(low01, low23, 0x88);
+    r[4 + m] = _mm512_shuffle_f32x4(low01, low23, 0xDD);
+    r[8 + m] = _mm512_shuffle_f32x4(high01, high23, 0x88);
+    r[12 + m] = _mm512_shuffle_f32x4(high01, high23, 0xDD);
+  }
+}
+
 // Column block [offset, offset + D) of the cluster's (length, 3 * D) rows, as (D, ld) with zero padding past
-// `length`.
+// `length`, in 16 x 16 blocks.
 template <int D>
 void transpose_block(const float* cluster, int length, int ld, int offset, float* out) {
-  for (int j = 0; j < length; ++j) {
-    const float* src = cluster + j * 3 * D + offset;
-    for (int c = 0; c < D; ++c) out[c * ld + j] = src[c];
-  }
-  for (int c = 0; c < D; ++c)
-    for (int j = length; j < ld; ++j) out[c * ld + j] = 0.0f;
+  for (int j0 = 0; j0 < ld; j0 += 16)
+    for (int c0 = 0; c0 < D; c0 += 16) {
+      __m512 block[16];
+      for (int j = 0; j < 16; ++j)
+        block[j] = j0 + j < length ? _mm512_loadu_ps(cluster + (j0 + j) * 3 * D + offset + c0) : _mm512_setzero_ps();
+      transpose16(block);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_ps(out + (c0 + c) * ld + j0, block[c]);
+    }
 }
 
 // Column block [offset, offset + D) of the cluster's (length, 3 * D) rows, as (length, D).
@@ -257,12 +290,16 @@ void backward_clusters(const float* rows, const float* grad_out, const int64_t* 
         _mm512_storeu_ps(dp + t * 16, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dp + t * 16), row_dot)));
       }
     }
-    // dQ = dS K, dK = dS^T Q, dV = P^T dO, each row written to its own place.
-    weighted_sums<D>(ws.ds.data(), ld, false, ws.k.data(), length, idx, nullptr, grad, 3 * D);
-    weighted_sums<D>(ws.ds.data(), ld, true, ws.q.data(), length, idx, nullptr, grad + D, 3 * D);
-    weighted_sums<D>(ws.s.data(), ld, true, ws.dout.data(), length, idx, nullptr, grad + 2 * D, 3 * D);
-    if (rope.enabled())
-      for (int j = 0; j < length; ++j) rotate_row<D>(rope, idx[j], grad + idx[j] * 3 * D, true);
+    // dQ = dS K, dK = dS^T Q, dV = P^T dO into the cluster's rows, whole rows then written to their places.
+    float* cluster_grad = ws.cluster.data();
+    weighted_sums<D>(ws.ds.data(), ld, false, ws.k.data(), length, ws.slots.data(), nullptr, cluster_grad, 3 * D);
+    weighted_sums<D>(ws.ds.data(), ld, true, ws.q.data(), length, ws.slots.data(), nullptr, cluster_grad + D, 3 * D);
+    weighted_sums<D>(ws.s.data(), ld, true, ws.dout.data(), length, ws.slots.data(), nullptr, cluster_grad + 2 * D,
+                     3 * D);
+    for (int j = 0; j < length; ++j) {
+      if (rope.enabled()) rotate_row<D>(rope, idx[j], cluster_grad + j * 3 * D, true);
+      std::memcpy(grad + idx[j] * 3 * D, cluster_grad + j * 3 * D, 3 * D * sizeof(float));
+    }
   }
 }
 
