@@ -4,22 +4,26 @@ For every model and input size it prints the median forward time (eval, no grad)
 forward + backward time (train mode, loss = sum of output means) and the peak memory of forward +
 backward, then the SecViT/Swin ratios and how time scales from 800x1344 to 1600x2688.
 
+Times: all models of one size are timed in one process, taking turns run by run (SecViT, Swin, SecViT,
+Swin, ...), so a change in the machine's speed while it measures reaches all of them alike; ``--rounds``
+repeats that in new processes.
+
     python tools/benchmark.py                                   # CPU, all models and sizes (~20 min on 2 cores)
     python tools/benchmark.py --models secvit_s swin_t --sizes 800x1344 --repeats 5 --rounds 3
 
-Each measurement runs in its own process. On the CPU, peak memory is measured in a process of its
-own in which glibc hands every freed block of 64 KiB or more back to the kernel
-(``MALLOC_MMAP_THRESHOLD_=65536``), so the resident-set high-water mark above the level before the
-first forward + backward is the peak of live tensors. On a GPU it is ``torch.cuda.max_memory_allocated``
-above the level before.
+On the CPU, the peak memory of each model is measured in a process of its own in which glibc hands
+every freed block of 64 KiB or more back to the kernel (``MALLOC_MMAP_THRESHOLD_=65536``), so the
+resident-set high-water mark above the level before the first forward + backward is the peak of live
+tensors. On a GPU it is ``torch.cuda.max_memory_allocated`` above the level before.
 
-Times: ``--allocator tuned`` (the default on the CPU) starts the timing processes with glibc told to
+``--allocator tuned`` (the default on the CPU) starts the timing processes with glibc told to
 keep freed memory (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``): by default glibc returns
 every large tensor to the kernel when it is freed and the next one pays page faults for fresh zeroed
 pages, which on a 2-core machine costs a third of a training step for either model.
 ``--allocator default`` times without it.
 """
 import argparse
+import functools
 import json
 import os
 import resource
@@ -43,8 +47,8 @@ def parse_args(argv=None):
     parser.add_argument('--sizes', nargs='+', default=list(SIZES), help='HxW input sizes')
     parser.add_argument('--repeats', type=int, default=0, help='timed runs (default: 5 below 800x1344, else 3)')
     parser.add_argument('--rounds', type=int, default=1,
-                        help='time every model this many times, alternating between models, and report the '
-                             'median over rounds (steadier ratios on a machine whose speed drifts)')
+                        help='time the models this many times, each time in a new process, and report the '
+                             'median over rounds')
     parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch CPU threads')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--cluster-size', type=int, default=98, help='SecViT tokens per cluster')
@@ -52,7 +56,8 @@ def parse_args(argv=None):
     parser.add_argument('--allocator', choices=['tuned', 'default'], default='tuned',
                         help='glibc malloc settings of the measuring processes on the CPU (see above)')
     parser.add_argument('--json', help='also write the results to this file')
-    parser.add_argument('--child', nargs=2, metavar=('MODEL', 'SIZE'), help=argparse.SUPPRESS)
+    parser.add_argument('--child', nargs=2, metavar=('MODELS', 'SIZE'), help=argparse.SUPPRESS)
+    parser.add_argument('--forward-only', default='', help=argparse.SUPPRESS)
     parser.add_argument('--measure', choices=['all', 'time', 'memory'], default='all', help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -79,58 +84,66 @@ def resident_mib():
 
 
 def measure(args):
-    """Runs in the child process: time and memory of one model at one size; prints one JSON line."""
+    """Runs in the child process: peak memory of one model, or the times of the comma-separated models
+    (taking turns run by run), at one size; prints one JSON line {model: results}."""
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    name, size = args.child
+    names, size = args.child[0].split(','), args.child[1]
+    forward_only = set(filter(None, args.forward_only.split(',')))
     height, width = parse_size(size)
     device = torch.device(args.device)
-    model = build_model(name, args.cluster_size).to(device)
+    models = {name: build_model(name, args.cluster_size).to(device) for name in names}
     x = torch.randn(1, 3, height, width, device=device)
     repeats = args.repeats or (5 if height * width < 800 * 1344 else 3)
+    results = {name: {} for name in names}
 
     def sync():
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
-    def timed(step):
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    def train_step():
+    def train_step(model):
         outs = model(x)
         sum(o.float().mean() for o in outs).backward()
         model.zero_grad(set_to_none=True)
 
-    result = {}
-    if not args.no_backward and args.measure in ('all', 'memory'):
-        model.train()
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            train_step()
-            result['peak_mib'] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-        else:
-            before = resident_mib()
-            train_step()
-            result['peak_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    def in_turns(steps, key):
+        """Warm every step up, then time them in turns; the median of each one's runs goes under ``key``."""
+        for step in steps.values():
+            step()
+        times = {name: [] for name in steps}
+        for _ in range(repeats):
+            for name, step in steps.items():
+                sync()
+                start = time.perf_counter()
+                step()
+                sync()
+                times[name].append(time.perf_counter() - start)
+        for name, values in times.items():
+            results[name][key] = statistics.median(values)
+
+    backward = [name for name in names if name not in forward_only]
+    if args.measure in ('all', 'memory'):
+        for name in backward:
+            models[name].train()
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                train_step(models[name])
+                results[name]['peak_mib'] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+            else:
+                before = resident_mib()
+                train_step(models[name])
+                results[name]['peak_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     if args.measure in ('all', 'time'):
-        if not args.no_backward:
-            model.train()
-            train_step()
-            result['fwd_bwd_s'] = timed(train_step)
-        model.eval()
+        for name in backward:
+            models[name].train()
+        in_turns({name: functools.partial(train_step, models[name]) for name in backward}, 'fwd_bwd_s')
+        for model in models.values():
+            model.eval()
         with torch.no_grad():
-            model(x)
-            result['fwd_s'] = timed(lambda: model(x))
-    print(json.dumps(result))
+            in_turns({name: functools.partial(model, x) for name, model in models.items()}, 'fwd_s')
+    print(json.dumps(results))
 
 
 def available_mib():
@@ -139,43 +152,36 @@ def available_mib():
     return int(fields['MemAvailable'].split()[0]) / 1024
 
 
-def run_child(args, model, size, no_backward, measure='all', malloc=None):
-    command = [sys.executable, __file__, '--child', model, size, '--threads', str(args.threads),
+def run_child(args, models, size, forward_only, measure, malloc=None):
+    command = [sys.executable, __file__, '--child', ','.join(models), size, '--threads', str(args.threads),
                '--device', args.device, '--cluster-size', str(args.cluster_size), '--repeats', str(args.repeats),
-               '--measure', measure]
-    if no_backward:
-        command.append('--no-backward')
+               '--measure', measure, '--forward-only', ','.join(forward_only)]
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(malloc or {})})
     if proc.returncode != 0:
-        raise RuntimeError(f'{model} at {size} failed:\n{proc.stderr[-2000:]}')
+        raise RuntimeError(f'{",".join(models)} at {size} failed:\n{proc.stderr[-2000:]}')
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_in_children(args, model, size, no_backward, measure):
-    """One child process measuring ``measure`` ('memory' or 'time'). On the CPU the memory child runs with
-    glibc returning freed blocks and the timing child with the chosen allocator; on a GPU a timing child
-    also reports peak memory."""
-    if args.device != 'cpu':
-        return run_child(args, model, size, no_backward, 'all' if measure == 'time' else measure)
-    if measure == 'memory':
-        return run_child(args, model, size, no_backward, 'memory', RETURNING_MALLOC)
-    return run_child(args, model, size, no_backward, 'time', TUNED_MALLOC if args.allocator == 'tuned' else None)
+def measure_size(args, size, models, forward_only):
+    """Peak memory of each model, then ``args.rounds`` timings of all models in turns; times are medians
+    over rounds.
 
-
-def measure_size(args, size, models, no_backward):
-    """Peak memory once, then ``args.rounds`` timings of every model in turn; times are medians over rounds."""
+    On the CPU each model's memory is measured in a process of its own with glibc returning freed blocks,
+    and the models are timed together with the chosen allocator; on a GPU one process per round measures
+    both.
+    """
     results = {model: dict(model=model, size=size, device=args.device, threads=args.threads) for model in models}
+    timing_malloc = None
     if args.device == 'cpu':
         for model in models:
-            if not no_backward[model]:
-                results[model].update(measure_in_children(args, model, size, no_backward[model], 'memory'))
-    rounds = {model: [] for model in models}
-    for _ in range(args.rounds):
-        for model in models:
-            rounds[model].append(measure_in_children(args, model, size, no_backward[model], 'time'))
+            if model not in forward_only:
+                results[model].update(run_child(args, [model], size, [], 'memory', RETURNING_MALLOC)[model])
+        timing_malloc = TUNED_MALLOC if args.allocator == 'tuned' else None
+    measure = 'time' if args.device == 'cpu' else 'all'
+    rounds = [run_child(args, models, size, forward_only, measure, timing_malloc) for _ in range(args.rounds)]
     for model in models:
         for key in ('fwd_s', 'fwd_bwd_s', 'peak_mib'):
-            values = [r[key] for r in rounds[model] if key in r]
+            values = [r[model][key] for r in rounds if key in r[model]]
             if values:
                 results[model][key] = statistics.median(values)
     return results
@@ -234,16 +240,16 @@ def main(argv=None):
           f'SecViT cluster_size {args.cluster_size}', flush=True)
     results = {}
     for size in sizes:
-        no_backward = {}
+        forward_only = [] if not args.no_backward else list(args.models)
         for model in args.models:
-            no_backward[model] = args.no_backward
             previous = results.get((model, '800x1344'))
-            if size == '1600x2688' and previous and 'peak_mib' in previous and args.device == 'cpu':
+            if (size == '1600x2688' and not args.no_backward and previous and 'peak_mib' in previous
+                    and args.device == 'cpu'):
                 needed = 4.5 * previous['peak_mib']
                 if needed > 0.9 * available_mib():
                     print(f'{model} {size}: forward+backward skipped, needs about {needed:.0f} MiB', flush=True)
-                    no_backward[model] = True
-        for model, result in measure_size(args, size, args.models, no_backward).items():
+                    forward_only.append(model)
+        for model, result in measure_size(args, size, args.models, forward_only).items():
             results[(model, size)] = result
             print(f"{model:9s} {size:>9s}  forward {fmt(result['fwd_s'])} s  forward+backward "
                   f"{fmt(result.get('fwd_bwd_s'))} s  peak {fmt(result.get('peak_mib'), 0)} MiB", flush=True)
