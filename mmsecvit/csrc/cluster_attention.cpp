@@ -153,7 +153,7 @@ void softmax_numerators(float* s, int length, int ld, float* inv_sum) {
     const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(m) * kLog2e);
     __m512 sum = _mm512_setzero_ps();
     for (int t = 0; t < vectors; ++t) {
-      __m512 e = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + t * 16), _mm512_set1_ps(kLog2e), shift));
+      __m512 e = pow2(_mm512_fmsub_ps(_mm512_loadu_ps(row + t * 16), _mm512_set1_ps(kLog2e), shift));
       if (t == vectors - 1) e = _mm512_maskz_mov_ps(last, e);
       _mm512_storeu_ps(row + t * 16, e);
       sum = _mm512_add_ps(sum, e);

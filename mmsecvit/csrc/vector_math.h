@@ -8,10 +8,10 @@ namespace mmsecvit {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,fma")
 
-// 2^t for t <= 0: 2^n * p(f) with n = round(t), f = t - n in [-1/2, 1/2] and p a degree-6 polynomial fitted
-// to 2^f (relative error below 1e-7 in float32, so float32 rounding dominates); t below -126 gives 2^-126, so
-// no result is subnormal.
-inline __m512 exp2_nonpositive(__m512 t) {
+// 2^t for t <= 127: 2^n * p(f) with n = round(t), f = t - n in [-1/2, 1/2] and p a degree-6 polynomial
+// fitted to 2^f (relative error below 1e-7 in float32, so float32 rounding dominates); t below -126 gives
+// 2^-126, so no result is subnormal.
+inline __m512 pow2(__m512 t) {
   t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
@@ -38,7 +38,7 @@ inline __m512 gelu(__m512 x, __m512* derivative = nullptr) {
   poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
   poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
   poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
-  const __m512 gauss = exp2_nonpositive(_mm512_mul_ps(_mm512_mul_ps(u, u), _mm512_set1_ps(-kLog2e)));
+  const __m512 gauss = pow2(_mm512_mul_ps(_mm512_mul_ps(u, u), _mm512_set1_ps(-kLog2e)));
   const __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(poly, t), gauss, _mm512_set1_ps(1.0f));
   const __m512 sign = _mm512_and_ps(u, _mm512_set1_ps(-0.0f));
   const __m512 cdf = _mm512_fmadd_ps(_mm512_or_ps(erf_abs, sign), _mm512_set1_ps(0.5f), _mm512_set1_ps(0.5f));
