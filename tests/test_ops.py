@@ -1,7 +1,8 @@
 """The CPU kernels behind the backbone (depthwise convolution, alone and of GELU's output, forward and one-pass
 backward, compiled and PyTorch; the compiled and the chunked cluster attention; the 1x1-convolution form of the
-projections, with its backward; the rotary embedding's joint backward with v's copy; residual branches with
-stochastic depth), each against PyTorch's, mmcv's or a float64 implementation."""
+projections, with its backward, alone and after the pre-norm; v's copy for the LePE branch, whose gradient
+joins the packed one in place; residual branches with stochastic depth), each against PyTorch's, mmcv's or a
+float64 implementation."""
 import importlib
 
 import pytest

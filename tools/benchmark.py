@@ -84,8 +84,8 @@ def resident_mib():
 
 
 def measure(args):
-    """Runs in the child process: peak memory of one model, or the times of the comma-separated models
-    (taking turns run by run), at one size; prints one JSON line {model: results}."""
+    """Runs in the child process: peak memory and/or times of the comma-separated models at one size (times
+    taken in turns, run by run); prints one JSON line {model: results}."""
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
