@@ -14,11 +14,21 @@ def read_version():
     return re.search(r"__version__ = '([^']+)'", text).group(1)
 
 
-def kernel_extensions():
-    """The CPU kernels (``mmsecvit/csrc``: cluster attention, ranking, depthwise convolution alone and after
-    GELU), built against the installed torch on x86-64 Linux.
+# Compiler flags of the two builds of the same kernel sources (mmsecvit/ops/csrc/simd.h picks the vector
+# width from them): one for CPUs with AVX-512, one for the other x86-64 CPUs with AVX2 and FMA.
+KERNEL_ISA_FLAGS = {
+    'avx512': ['-mavx512f', '-mavx512dq', '-mavx512bw', '-mavx512vl', '-mavx2', '-mfma'],
+    'avx2': ['-mavx2', '-mfma'],
+}
 
-    It is optional: where torch is not importable at build time, or the build fails, mmsecvit runs the same
+
+def kernel_extensions():
+    """The CPU kernels (``mmsecvit/ops/csrc``: cluster attention, ranking, depthwise convolution alone and
+    after GELU), built against the installed torch on x86-64 Linux, once per instruction set:
+    ``mmsecvit.ops._kernels_avx512`` and ``mmsecvit.ops._kernels_avx2``, each reporting with ``supported()``
+    whether this CPU runs it.
+
+    Both are optional: where torch is not importable at build time, or a build fails, mmsecvit runs the same
     computation with PyTorch operations.
     """
     if not (sys.platform.startswith('linux') and platform.machine() == 'x86_64'):
@@ -27,10 +37,32 @@ def kernel_extensions():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
-    sources = sorted(str(path.relative_to(HERE)) for path in (HERE / 'mmsecvit' / 'csrc').glob('*.cpp'))
-    kernel = CppExtension('mmsecvit._kernels', sources,
-                          extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'], optional=True)
-    return [kernel], {'build_ext': BuildExtension}
+
+    class BuildKernels(BuildExtension):
+        """BuildExtension compiling every extension into its own temporary directory: the two builds compile
+        the same source files, whose objects would overwrite or stand in for each other in one directory."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.parallel = None  # one extension at a time, as build_extension switches build_temp
+
+        def build_extension(self, ext):
+            shared_temp = self.build_temp
+            self.build_temp = str(Path(shared_temp) / ext.name)
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = shared_temp
+
+    csrc = HERE / 'mmsecvit' / 'ops' / 'csrc'
+    sources = sorted(str(path.relative_to(HERE)) for path in csrc.glob('*.cpp'))
+    headers = sorted(str(path.relative_to(HERE)) for path in csrc.glob('*.h'))
+    kernels = [
+        CppExtension(f'mmsecvit.ops._kernels_{isa}', sources, depends=headers,
+                     extra_compile_args=['-O3', '-fopenmp', *flags], extra_link_args=['-fopenmp'], optional=True)
+        for isa, flags in KERNEL_ISA_FLAGS.items()
+    ]
+    return kernels, {'build_ext': BuildKernels}
 
 
 EXT_MODULES, CMDCLASS = kernel_extensions()

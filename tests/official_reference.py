@@ -4,11 +4,14 @@ Written for the tests from the architecture description (NCHW tensors, 1x1 convs
 clusters), independent of mmsecvit's code, so that the fast backbone and the checkpoint converter can
 be checked against it.
 """
+import argparse
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mmsecvit.models.secvit import ARCH_SETTINGS
 
 
 def reference_rope(x, height, width):
@@ -173,3 +176,36 @@ class OfficialSecViT(nn.Module):
         x = self.forward_stages(x)[-1]
         x = F.silu(self.norm(self.proj(x))).mean(dim=(2, 3), keepdim=True)
         return self.head(x).flatten(1)
+
+
+OFFICIAL_PARAMS = {'tiny': 14_981_800, 'small': 26_776_104, 'base': 54_682_776, 'large': 96_495_096}
+
+
+def num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def official_model(arch, **kwargs):
+    s = ARCH_SETTINGS[arch]
+    return OfficialSecViT(s['embed_dims'], s['depths'], s['num_heads'], s['layer_scale'], **kwargs)
+
+
+def randomize_norms(model):
+    """Give every norm non-trivial statistics and affine values, so a wrong mapping shows in the outputs."""
+    for name, tensor in model.state_dict().items():
+        if name.endswith(('gamma_1', 'gamma_2')):
+            tensor.copy_(torch.rand_like(tensor) * 0.2)
+        elif name.endswith('running_var') or 'norm' in name and name.endswith('weight'):
+            tensor.copy_(torch.rand_like(tensor) + 0.5)
+        elif name.endswith(('running_mean', 'bias')):
+            tensor.copy_(torch.randn_like(tensor) * 0.1)
+
+
+def official_training_checkpoint(path, arch='tiny', **extra):
+    """Save an official-layout model with random weights the way the official training script does."""
+    model = official_model(arch).eval()
+    randomize_norms(model)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({'model': model.state_dict(), 'model_ema': ema, 'optimizer': {'state': {}, 'param_groups': []},
+                'epoch': 299, 'args': argparse.Namespace(model='SecViT_T', lr=1e-3, drop_path=0.1), **extra}, path)
+    return model

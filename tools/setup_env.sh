@@ -21,7 +21,7 @@ say() { printf '[setup] %s\n' "$*"; }
 
 fingerprint() {
     cat "$ROOT"/requirements/*.txt "$ROOT/tools/setup_env.sh" "$ROOT/setup.py" "$ROOT/pyproject.toml" \
-        "$ROOT"/mmsecvit/csrc/* | sha256sum | cut -c1-16
+        "$ROOT"/mmsecvit/ops/csrc/* | sha256sum | cut -c1-16
 }
 
 is_current() {
