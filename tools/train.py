@@ -7,14 +7,15 @@ import argparse
 import torch
 
 from mmsecvit.apis import build_runner_from_args, load_config
-from mmsecvit.apis.runner import add_common_args, finish_distributed, check_pretrained
+from mmsecvit.apis.runner import add_common_args, check_pretrained, finish_distributed
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a SecViT detector or segmentor')
     parser.add_argument('config', help='train config file')
     parser.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
-                        help='resume from CHECKPOINT, or from the latest checkpoint in the work dir if none given')
+                        help='resume from CHECKPOINT, or from the newest intact checkpoint in the work dir if '
+                             'none given (unreadable ones are skipped)')
     parser.add_argument('--amp', action='store_true',
                         help='automatic mixed precision (fp16 with dynamic loss scaling; needs a GPU)')
     parser.add_argument('--auto-scale-lr', action='store_true',

@@ -9,6 +9,8 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from .checkpoints import resolve_resume_checkpoint, use_safe_checkpoint_hook
+
 SCOPES = ('mmdet', 'mmseg')
 
 
@@ -101,12 +103,23 @@ def finish_distributed():
 
 
 def build_runner_from_args(cfg, args):
-    """Apply the command-line settings shared by train and test, then build the runner."""
+    """Apply the command-line settings shared by train and test, then build the runner.
+
+    Checkpoints are saved crash-safely (mmengine's plain CheckpointHook becomes ``SafeCheckpointHook``), and a
+    resume starts from an intact checkpoint (see :mod:`mmsecvit.apis.checkpoints`).
+
+    Args:
+        cfg (Config): The loaded config; changed in place.
+        args (argparse.Namespace): ``launcher``, ``work_dir`` and ``config`` from the command line.
+    """
     import torch
     cfg.launcher = args.launcher
     if args.launcher == 'pytorch' and not torch.cuda.is_available():
         setup_cpu_distributed(cfg)
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or default_work_dir(args.config)
-    if 'runner_type' in cfg:
-        return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+    use_safe_checkpoint_hook(cfg)
+    resume_warnings = resolve_resume_checkpoint(cfg)
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    for warning in resume_warnings:
+        runner.logger.warning(warning)
+    return runner
