@@ -1,10 +1,11 @@
 # make demo: set up .venv if needed, then train and evaluate a detector on the embedded demo data.
 # make seg-demo: the same for semantic segmentation.
 # make test: set up .venv if needed, then run the test suite.
+# make lint: set up .venv if needed, then check the Python sources with ruff (configured in pyproject.toml).
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup test demo seg-demo clean-venv
+.PHONY: setup test lint demo seg-demo clean-venv
 
 setup:
 	bash tools/setup_env.sh
@@ -12,11 +13,14 @@ setup:
 test: setup
 	$(PYTHON) -m pytest -q tests
 
+lint: setup
+	$(VENV)/bin/ruff check .
+
 demo: setup
-	$(PYTHON) tools/demo.py
+	$(PYTHON) demo/detection_demo.py
 
 seg-demo: setup
-	$(PYTHON) tools/seg_demo.py
+	$(PYTHON) demo/segmentation_demo.py
 
 clean-venv:
 	rm -rf $(VENV)

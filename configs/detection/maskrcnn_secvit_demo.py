@@ -1,5 +1,5 @@
 # Mask R-CNN with a small SecViT backbone, trained from scratch on the synthetic shapes set that
-# tools/demo.py generates (data/coco_demo/, COCO layout). Sized to train on 2 CPU cores in minutes.
+# demo/detection_demo.py generates (data/coco_demo/, COCO layout). Sized to train on 2 CPU cores in minutes.
 _base_ = ['./maskrcnn_secvit_s.py']
 
 data_root = 'data/coco_demo/'

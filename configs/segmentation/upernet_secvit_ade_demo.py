@@ -1,5 +1,5 @@
 # CPU demo: UperNet + a small SecViT trained from scratch on the synthetic ADE20K-layout set that
-# tools/make_ade_demo.py writes (5 classes, images of 112-176 px). Run it with tools/seg_demo.py.
+# demo/make_dataset.py ade writes (5 classes, images of 112-176 px). Run it with demo/segmentation_demo.py.
 _base_ = ['./upernet_secvit_t.py']
 
 data_root = 'data/ade_demo/ADEChallengeData2016'

@@ -12,7 +12,8 @@ param_scheduler = [
 ]
 
 # No weight decay on normalisation layers (norm_decay_mult: every LayerNorm/BatchNorm/GroupNorm, in the
-# backbone and the heads) nor on the position parameters: the conditional position convs 'cpe', the LePE convs 'attn.lepe'
+# backbone and the heads) nor on the position parameters: the conditional position convs 'cpe', the LePE convs
+# 'attn.lepe'
 # (both depthwise, the counterpart of Swin's position bias tables) and the layer scales 'gamma1'/'gamma2'
 # (per-channel gains that decay would pull to 0, i.e. switch the branch off).
 optim_wrapper = dict(

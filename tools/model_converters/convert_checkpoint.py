@@ -11,7 +11,7 @@ The input may be a bare state dict or a training checkpoint holding it under ``m
 
 Example::
 
-    python tools/convert_checkpoint.py secvit_s_official.pth secvit_s_backbone.pth
+    python tools/model_converters/convert_checkpoint.py secvit_s_official.pth secvit_s_backbone.pth
 """
 import argparse
 import pickle
@@ -21,8 +21,13 @@ from pathlib import Path
 import torch
 
 from mmsecvit.models import SecViT, SecViTClassifier
-from mmsecvit.models.checkpoint_utils import (CLASSIFIER_HEAD_PREFIX, convert_official_state_dict,
-                                              extract_state_dict, is_official_layout, to_backbone_state_dict)
+from mmsecvit.models.checkpoint_utils import (
+    CLASSIFIER_HEAD_PREFIX,
+    convert_official_state_dict,
+    extract_state_dict,
+    is_official_layout,
+    to_backbone_state_dict,
+)
 from mmsecvit.models.classifier import to_classifier_state_dict
 from mmsecvit.models.secvit import ARCH_SETTINGS
 

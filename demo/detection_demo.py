@@ -1,15 +1,16 @@
-"""Train and evaluate a SecViT Mask R-CNN on the embedded synthetic demo set, on the CPU.
+"""Detection demo on the CPU: make the synthetic COCO-layout set if it is missing, train a small SecViT
+Mask R-CNN on it, report bbox and segm mAP from mmdet's CocoMetric and draw the predictions of a few val
+images under the work dir.
 
-Generates the set under data/coco_demo/ if it is missing (COCO layout, deterministic from --seed),
-trains configs/detection/maskrcnn_secvit_demo.py with mmengine's runner, evaluates bbox and segm mAP
-with mmdet's CocoMetric on the val split, and draws the predictions of a few val images.
-
-    python tools/demo.py [--work-dir work_dirs/demo] [--epochs N] [--seed 0]
+    python demo/detection_demo.py [--config ...] [--data-root data/coco_demo] [--work-dir work_dirs/demo]
+        [--epochs N] [--num-pictures 4] [--seed 0]
 """
 import argparse
 import os.path as osp
 import time
 from pathlib import Path
+
+from coco import demo_exists, make_coco_demo  # demo/ is the script's directory
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / 'configs' / 'detection' / 'maskrcnn_secvit_demo.py'
@@ -19,8 +20,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', default=str(DEFAULT_CONFIG), help='demo config')
     parser.add_argument('--data-root', default='data/coco_demo', help='where the demo set is (generated if absent)')
-    parser.add_argument('--work-dir', default='work_dirs/demo', help='logs, checkpoint and pictures go here')
-    parser.add_argument('--epochs', type=int, help='override the config\'s number of epochs')
+    parser.add_argument('--work-dir', default='work_dirs/demo', help='logs, checkpoint and predictions go here')
+    parser.add_argument('--epochs', type=int, help='training epochs (default: the config\'s)')
     parser.add_argument('--num-pictures', type=int, default=4, help='val images to draw predictions on')
     parser.add_argument('--seed', type=int, default=0, help='seed of the data and of training')
     return parser.parse_args(argv)
@@ -52,8 +53,6 @@ def draw_predictions(runner, cfg, out_dir, count):
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
-    from mmsecvit.demo.coco import demo_exists, make_coco_demo
-
     if demo_exists(args.data_root):
         print(f'Demo set found in {args.data_root}')
     else:
@@ -61,9 +60,7 @@ def main(argv=None):
         print(f'Generated the demo set in {args.data_root}: {counts} instances '
               f'({time.perf_counter() - start:.0f} s)')
 
-    from mmengine.runner import Runner
-
-    from mmsecvit.apis import load_config
+    from mmsecvit.apis import build_runner_from_args, load_config
     cfg = load_config(args.config)
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         cfg[loader].dataset.data_root = args.data_root
@@ -72,10 +69,10 @@ def main(argv=None):
     if args.epochs:
         cfg.train_cfg.max_epochs = args.epochs
     cfg.train_cfg.val_interval = cfg.train_cfg.max_epochs  # evaluate once, after the last epoch
-    cfg.work_dir = args.work_dir
     cfg.randomness = dict(seed=args.seed)
 
-    runner = Runner.from_cfg(cfg)
+    runner = build_runner_from_args(cfg, argparse.Namespace(launcher='none', work_dir=args.work_dir,
+                                                            config=args.config))
     runner.train()
     train_time = time.perf_counter() - start
     metrics = {key[len('val/'):]: buffer.current() for key, buffer in runner.message_hub.log_scalars.items()
@@ -86,7 +83,7 @@ def main(argv=None):
     for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'):
         print(f'  {key:18s} {metrics[key]:.3f}')
     print(f'Training took {train_time / 60:.1f} min, everything {(time.perf_counter() - start) / 60:.1f} min.')
-    print(f'Predictions drawn on {len(pictures)} val images in {osp.dirname(pictures[0]) if pictures else "-"}')
+    print(f'Predictions drawn on {len(pictures)} val images in {osp.join(args.work_dir, "predictions")}')
     print(f'Checkpoint and logs in {args.work_dir}')
     return metrics
 
