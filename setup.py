@@ -1,4 +1,5 @@
 """Install mmsecvit: the SecViT backbone for mmdetection and mmsegmentation."""
+import os
 import platform
 import re
 import sys
@@ -55,11 +56,15 @@ def kernel_extensions():
                 self.build_temp = shared_temp
 
     csrc = HERE / 'mmsecvit' / 'ops' / 'csrc'
+    # MMSECVIT_SANITIZE=address builds the kernels with AddressSanitizer (tools/asan_check.sh).
+    sanitizer = [f'-fsanitize={os.environ["MMSECVIT_SANITIZE"]}', '-fno-omit-frame-pointer'] if os.environ.get(
+        'MMSECVIT_SANITIZE') else []
     sources = sorted(str(path.relative_to(HERE)) for path in csrc.glob('*.cpp'))
     headers = sorted(str(path.relative_to(HERE)) for path in csrc.glob('*.h'))
     kernels = [
         CppExtension(f'mmsecvit.ops._kernels_{isa}', sources, depends=headers,
-                     extra_compile_args=['-O3', '-fopenmp', *flags], extra_link_args=['-fopenmp'], optional=True)
+                     extra_compile_args=['-O3', '-fopenmp', *flags, *sanitizer],
+                     extra_link_args=['-fopenmp', *sanitizer], optional=True)
         for isa, flags in KERNEL_ISA_FLAGS.items()
     ]
     return kernels, {'build_ext': BuildKernels}

@@ -397,7 +397,7 @@ class SecViT(BaseModule):
     def forward(self, x):
         """x: (B, 3, H, W). Returns a tuple of (B, C_i, ceil(H / s_i), ceil(W / s_i)) maps, s_i = 4 * 2**i."""
         self.check_input(x)
-        # The stem runs channels-last (about 2.7x faster on CPU); its output is then (B, H, W, C) contiguous.
+        # The stem runs channels-last (see docs/performance.md); permuted, its output is (B, H, W, C) contiguous.
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         x = x.permute(0, 2, 3, 1).contiguous()
         outs = []

@@ -27,7 +27,7 @@ _TORCH_CAPABILITIES = {'avx512': ('AVX512',), 'avx2': ('AVX512', 'AVX2')}
 KERNEL_HEAD_DIMS = (16, 32)  # head sizes the attention and ranking kernels are compiled for
 KERNEL_MAX_CLUSTER = 256  # longest cluster of the attention kernel (kMaxCluster in cluster_attention.cpp)
 CHUNKED_MAX_CLUSTER = 256  # longer clusters (global attention) go to PyTorch's fused attention
-CHUNK_SCORES = 2 ** 18  # scores held at once by the chunked attention (float32: 1 MiB, about L2 size)
+CHUNK_SCORES = 2 ** 18  # scores held at once by the chunked attention (in float32 about the L2 cache)
 RADIX_SORT_MIN_TOKENS = 4096  # from this many tokens per head, rankings sort integer keys
 POINTWISE_CONV_MIN_TOKENS = 1024  # from this many positions, 1x1 projections run as oneDNN convolutions
 KERNEL_DEPTHWISE_SIZES = (3, 5)
@@ -252,6 +252,13 @@ def _recompute_ffn() -> List[str]:
     return []
 
 
+def _regroup_weight(x: torch.Tensor) -> List[str]:
+    positions, channels = x.shape[0] * x.shape[1] * x.shape[2], x.shape[-1]
+    if positions < channels:
+        return [f'{positions} positions, fewer than {channels} channels: the output is smaller to regroup']
+    return []
+
+
 def _always(*args, **kwargs) -> List[str]:
     return []
 
@@ -269,6 +276,7 @@ BACKENDS: Dict[str, Dict[str, Callable[..., List[str]]]] = {
     'conv_norm': {'folded': _fold_batch_norm, 'plain': _always},
     'split_values': {'joined_grad': _joined_value_grad, 'autograd': _always},
     'ffn': {'recompute': _recompute_ffn, 'plain': _always},
+    'qkv_layout': {'regroup_weight': _regroup_weight, 'regroup_output': _always},
 }
 
 

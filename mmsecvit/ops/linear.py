@@ -143,8 +143,17 @@ class PackedQKV(nn.Linear):
         return weight.reshape(3 * channels, channels), bias.reshape(3 * channels)
 
     def forward(self, x: Tensor, norm: Optional[nn.LayerNorm] = None) -> Tensor:
-        """x: (B, H, W, C), normalised first by ``norm`` if given. Returns (B, H * W, heads, 3, head_dim)."""
+        """x: (B, H, W, C), normalised first by ``norm`` if given. Returns (B, H * W, heads, 3, head_dim).
+
+        The rows are regrouped in the weight or, on maps with fewer positions than channels, in the output
+        (whichever is smaller to copy).
+        """
         batch, height, width, channels = x.shape
-        weight, bias = self.per_head(self.weight, self.bias)
+        head_dim = channels // self.num_heads
+        by_weight = dispatch.choose_backend('qkv_layout', x) == 'regroup_weight'
+        weight, bias = self.per_head(self.weight, self.bias) if by_weight else (self.weight, self.bias)
         packed = linear_nhwc(x, weight, bias) if norm is None else norm_linear_nhwc(x, norm, weight, bias)
-        return packed.view(batch, height * width, self.num_heads, 3, channels // self.num_heads)
+        if by_weight:
+            return packed.view(batch, height * width, self.num_heads, 3, head_dim)
+        packed = packed.view(batch, height * width, 3, self.num_heads, head_dim).transpose(2, 3)
+        return packed.contiguous()

@@ -6,11 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn.bricks.drop import drop_path as mmcv_drop_path
 
-from mmsecvit.ops import (
-    linear_nhwc,
-    norm_linear_nhwc,
-    residual_add,
-)
+from mmsecvit.ops import PackedQKV, linear_nhwc, norm_linear_nhwc, residual_add
 
 
 @pytest.mark.parametrize('with_gamma', [False, True])
@@ -93,3 +89,18 @@ def test_norm_linear_nhwc_matches_float64_and_keeps_only_its_input(height, width
     norm.requires_grad_(False)
     (grad_x,) = torch.autograd.grad(norm_linear_nhwc(x, norm, weight.detach(), None), x, grad_out)
     torch.testing.assert_close(grad_x.double(), ref_grads[0], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('height, width', [(3, 5), (40, 33)])  # fewer positions than channels, and more
+def test_packed_qkv_writes_per_head_rows_in_both_layouts(height, width):
+    qkv = PackedQKV(64, 2)
+    norm = nn.LayerNorm(64)
+    x = torch.randn(2, height, width, 64, requires_grad=True)
+    out = qkv(x, norm)
+    expected = F.linear(norm(x), qkv.weight, qkv.bias).view(2, height * width, 3, 2, 32).transpose(2, 3)
+    assert out.shape == (2, height * width, 2, 3, 32) and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    params = [x, qkv.weight, qkv.bias]
+    for a, b in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

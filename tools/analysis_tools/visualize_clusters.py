@@ -7,7 +7,7 @@ over a faded copy of the image, and draws them beside the input.
 
 Examples::
 
-    python tools/analysis_tools/visualize_clusters.py photo.jpg --arch small --checkpoint secvit_s_official.pth
+    python tools/analysis_tools/visualize_clusters.py photo.jpg --arch small --checkpoint secvit_s_in1k.pth
     python tools/analysis_tools/visualize_clusters.py photo.jpg --config my_mask_rcnn_secvit.py \\
         --checkpoint work_dirs/my_mask_rcnn_secvit/epoch_12.pth --stages 1 2 --heads 0 1 2 --out clusters.png
 

@@ -11,7 +11,7 @@ The input may be a bare state dict or a training checkpoint holding it under ``m
 
 Example::
 
-    python tools/model_converters/convert_checkpoint.py secvit_s_official.pth secvit_s_backbone.pth
+    python tools/model_converters/convert_checkpoint.py secvit_s_in1k.pth secvit_s_backbone.pth
 """
 import argparse
 import pickle

@@ -38,8 +38,8 @@ constexpr int kMaxCluster = 256;  // longer clusters (global attention) are left
 
 // Register tiles: sums and operands within the 32 zmm (AVX-512) or 16 ymm (AVX2) registers.
 constexpr int kProductRows = 3;  // row_products: rows of A per tile
-constexpr int kProductVectors = kLanes == 16 ? 7 : 3;  // its column vectors (AVX2: 4 x 3, 3 x 4, 2 x 5 no faster)
-// weighted_sums: rows per tile, D / kLanes sums each (D = 32: 28 zmm, 98 = 7 x 14; AVX2: 3 rows no faster).
+constexpr int kProductVectors = kLanes == 16 ? 7 : 3;  // its column vectors (AVX2: 3 x 4 spills, 20-30% slower)
+// weighted_sums: rows per tile, D / kLanes sums each (D = 32: 28 zmm, 98 = 7 x 14; AVX2: 3 rows spill, 30% slower).
 template <int D>
 constexpr int kSumRows = kLanes == 16 ? (D == 32 ? 14 : 8) : (D == 32 ? 2 : 6);
 

@@ -41,10 +41,17 @@ template <int D, class Visit>
 inline void for_each_key(const float* keys, int64_t tokens, int64_t token_stride, const Rope& rope,
                          Visit&& visit) {
   constexpr int V = D / simd::kLanes;
+  constexpr int64_t kAhead = 16;  // tokens between a key's prefetch and its use
   float rotated[D];
   int64_t y = 0, x = 0;
   for (int64_t n = 0; n < tokens; ++n) {
     const float* k = keys + n * token_stride;
+    // The keys are a row group apart (heads * 3 * D floats): requests ahead keep several misses in flight.
+    if (n + kAhead < tokens) {
+      const char* ahead = reinterpret_cast<const char*>(k + kAhead * token_stride);
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + D * sizeof(float) - 1, _MM_HINT_T0);
+    }
     if (rope.enabled()) {
       simd::Vec cos[V], sin[V];
       rotation_at<D>(rope, y, x, cos, sin);
