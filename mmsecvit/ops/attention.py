@@ -95,20 +95,21 @@ def key_scores(packed: Tensor, rope: Optional[RotaryTables] = None) -> Tensor:
 
 
 def argsort_rows(scores: Tensor) -> Tensor:
-    """``scores.argsort(dim=-1)`` of a (B, heads, N) tensor.
+    """``scores.argsort(dim=-1, stable=True)`` of a (B, heads, N) tensor: equal scores keep token order, as in
+    the ranking kernel.
 
     Long float32 CPU rows are ranked by one sort of 64-bit integer keys, ``row << 32 | order-preserving bits
     of the score``, which PyTorch radix-sorts across threads (see docs/performance.md).
     """
     num_tokens = scores.shape[-1]
     if dispatch.choose_backend('argsort', scores) == 'argsort':
-        return scores.argsort(dim=-1)
+        return scores.argsort(dim=-1, stable=True)
     bits = scores.contiguous().view(torch.int32).to(torch.int64)
     # Negative floats order by decreasing magnitude: flipping their magnitude bits makes the signed
     # integers order like the floats; the offset then makes every key non-negative.
     keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2 ** 31
     rows = torch.arange(scores.shape[0] * scores.shape[1], device=scores.device).view(scores.shape[:2] + (1,))
-    flat = (keys + (rows << 32)).flatten().sort().indices.view(scores.shape)
+    flat = (keys + (rows << 32)).flatten().sort(stable=True).indices.view(scores.shape)
     return flat - rows * num_tokens
 
 

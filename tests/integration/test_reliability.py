@@ -106,3 +106,39 @@ def test_model_held_in_another_dtype(model_and_input, dtype):
         assert torch.isfinite(got).all()
         error = (got.double() - want).norm() / want.norm()
         assert error < tolerance, f'relative error {error:.3g} in {dtype}'
+
+
+def test_one_and_two_threads_give_the_same_outputs(backend):
+    # Bitwise: every kernel splits its work so that no sum depends on the thread count, and the rankings
+    # are the same for the same keys.
+    model = tiny().eval()
+    x = torch.randn(2, 3, 96, 128)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                outputs.append(model(x))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*outputs):
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
+
+
+def test_training_steps_with_the_same_seed_give_the_same_loss():
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        model = tiny(drop_path_rate=0.1).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x = torch.randn(2, 3, 64, 80)
+        run = []
+        for _ in range(2):
+            loss = sum(o.square().mean() for o in model(x))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0] == losses[1]

@@ -15,6 +15,8 @@ from mmsecvit.ops import (
 )
 from mmsecvit.ops.attention import argsort_rows
 
+from helpers import assert_float32_close
+
 
 @pytest.mark.parametrize('batch, tokens, heads, head_dim, cluster_len',
                          [(2, 1000, 4, 32, 98), (1, 999, 3, 32, 100), (2, 50, 2, 16, 7), (1, 300, 2, 16, 256),
@@ -197,3 +199,55 @@ def test_ranking_kernel_checks_its_inputs(kernel):
         kernel.semantic_order(torch.randn(42, 24), 2, 7, 3)
     with pytest.raises(RuntimeError, match='contiguous'):
         kernel.semantic_order(rows.t(), 2, 7, 3)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_keys_rank_as_their_float32_values(dtype):
+    # A common key offset (as a trained qkv bias gives) makes half-precision scores overflow or round to
+    # ties; the ranking is computed in float64 from the same keys whatever the dtype and autocast state.
+    packed = torch.randn(1, 4200, 2, 3, 32)
+    packed[:, :, :, 1] += 2.0
+    keys = packed.to(dtype)
+    expected = semantic_order(keys.float())
+    with torch.autocast('cpu', dtype=dtype):
+        assert torch.equal(semantic_order(keys), expected)
+    assert torch.equal(semantic_order(keys), expected)
+
+
+def test_attention_kernel_rejects_sources_outside_the_rows(kernel):
+    rows = torch.randn(20, 96)
+    for bad in (-3, 20):
+        sources = torch.randperm(20)
+        sources[4] = bad
+        with pytest.raises(RuntimeError, match='sources'):
+            kernel.cluster_attention_forward(rows, sources, [0, 2, 10])
+        with pytest.raises(RuntimeError, match='sources'):
+            kernel.cluster_attention_backward(rows, sources, [0, 2, 10], torch.randn(20, 32))
+
+
+def test_random_shapes_agree_between_the_kernels_and_the_pytorch_path():
+    # A seeded sweep: odd and prime maps, 1-3 images, head sizes 16 and 32, cluster lengths that do and do
+    # not divide the tokens; each kernel build against the chunked PyTorch attention, forward and gradients.
+    generator = torch.Generator().manual_seed(20)
+    cases = 0
+    for _ in range(12):
+        height, width = (int(v) for v in torch.randint(3, 40, (2,), generator=generator))
+        batch = int(torch.randint(1, 4, (1,), generator=generator))
+        heads = int(torch.randint(1, 5, (1,), generator=generator))
+        head_dim = (16, 32)[int(torch.randint(0, 2, (1,), generator=generator))]
+        tokens = height * width
+        cluster_len = int(torch.randint(1, min(tokens, 256) + 1, (1,), generator=generator))
+        rope = rope_tables(height, width, rope_angles(head_dim), key_scale=head_dim ** -0.5)
+        packed = torch.randn(batch, tokens, heads, 3, head_dim, generator=generator).requires_grad_()
+        grad = torch.randn(batch, tokens, heads * head_dim, generator=generator)
+        with use_kernels(False):
+            expected = sec_attention(packed, cluster_len, impl='chunked', rope=rope)
+            (expected_grad,) = torch.autograd.grad(expected, packed, grad)
+        for isa in dispatch.cpu_isas():
+            with use_kernels(isa=isa):
+                out = sec_attention(packed, cluster_len, impl='kernel', rope=rope)
+                (got_grad,) = torch.autograd.grad(out, packed, grad)
+            assert_float32_close(out, expected.double(), terms=cluster_len)
+            assert_float32_close(got_grad, expected_grad.double(), terms=cluster_len)
+            cases += 1
+    assert cases == 12 * len(dispatch.cpu_isas())
