@@ -187,24 +187,20 @@ def _radix_sort(scores: torch.Tensor) -> List[str]:
     return reasons
 
 
-def _depthwise_kernel(x: torch.Tensor, weight: torch.Tensor) -> List[str]:
-    """x: channels-last NCHW input of a stride-1 'same' depthwise convolution."""
+def _gelu_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor) -> List[str]:
+    """x: channels-last NCHW input of a stride-1 'same' depthwise convolution (of GELU's output)."""
     reasons = _cpu_float32(x, weight) + _kernel_runs()
     if weight.shape[-1] not in KERNEL_DEPTHWISE_SIZES:
         reasons.append(f'kernel size {weight.shape[-1]} is not one of {KERNEL_DEPTHWISE_SIZES}')
     if x.stride(1) != 1:
         reasons.append('the channels are not contiguous')
-    if weight.shape[-1] == 5 and x.numel() > KERNEL_MAX_VALUES_5X5:
-        reasons.append(f'5x5 kernel on more than {KERNEL_MAX_VALUES_5X5} values (oneDNN is faster)')
     return reasons
 
 
-def _gelu_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor) -> List[str]:
-    reasons = _cpu_float32(x, weight) + _kernel_runs()
-    if weight.shape[-1] not in KERNEL_DEPTHWISE_SIZES:
-        reasons.append(f'kernel size {weight.shape[-1]} is not one of {KERNEL_DEPTHWISE_SIZES}')
-    if x.stride(1) != 1:
-        reasons.append('the channels are not contiguous')
+def _depthwise_kernel(x: torch.Tensor, weight: torch.Tensor) -> List[str]:
+    reasons = _gelu_depthwise_kernel(x, weight)
+    if weight.shape[-1] == 5 and x.numel() > KERNEL_MAX_VALUES_5X5:
+        reasons.append(f'5x5 kernel on more than {KERNEL_MAX_VALUES_5X5} values (oneDNN is faster)')
     return reasons
 
 
