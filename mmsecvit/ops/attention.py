@@ -252,9 +252,10 @@ def sec_attention(packed: Tensor, cluster_len: int, impl: Optional[str] = None,
             impl = dispatch.choose_backend('cluster_attention', packed, cluster_len)
         elif impl not in IMPLEMENTATIONS:
             raise ValueError(f'Unknown SEC attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}')
-        elif impl == 'kernel' and dispatch.why_not('cluster_attention', packed, cluster_len).get('kernel'):
-            reasons = dispatch.why_not('cluster_attention', packed, cluster_len)['kernel']
-            raise RuntimeError(f'The cluster-attention kernel cannot run: {"; ".join(reasons)}')
+        elif impl == 'kernel':
+            reasons = dispatch.why_not('cluster_attention', packed, cluster_len).get('kernel')
+            if reasons:
+                raise RuntimeError(f'The cluster-attention kernel cannot run: {"; ".join(reasons)}')
     if rope is not None and (global_attention or impl != 'kernel'):
         packed, rope = apply_rope(packed, rope), None
     if global_attention:

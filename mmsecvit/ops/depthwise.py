@@ -75,10 +75,11 @@ class _DepthwiseConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         needed = ctx.needs_input_grad
-        kernel = dispatch.choose_backend('gelu_depthwise', _nhwc(x).permute(0, 3, 1, 2), weight) == 'kernel'
+        x_nhwc = _nhwc(x)
+        kernel = dispatch.choose_backend('gelu_depthwise', x_nhwc.permute(0, 3, 1, 2), weight) == 'kernel'
         if ctx.gelu or (grad.dtype == torch.float32 and kernel):
             grad_x, grad_weight, grad_bias, _, _ = compiled.depthwise_backward(
-                _nhwc(x), _nhwc(grad), weight, ctx.gelu, needed[0], None, False)
+                x_nhwc, _nhwc(grad), weight, ctx.gelu, needed[0], None, False)
             return (grad_x.permute(0, 3, 1, 2) if needed[0] else None, grad_weight if needed[1] else None,
                     grad_bias if ctx.has_bias and needed[2] else None, None)
         grad = grad.contiguous(memory_format=torch.channels_last)

@@ -151,10 +151,15 @@ def _kernel_runs() -> List[str]:
     return [] if kernel_isa() is not None else [kernel_unavailable_reason()]
 
 
-def _attention_kernel(packed: torch.Tensor, cluster_len: int) -> List[str]:
+def _ranking_kernel(packed: torch.Tensor) -> List[str]:
     reasons = _cpu_float32(packed) + _kernel_runs()
     if packed.shape[-1] not in KERNEL_HEAD_DIMS:
         reasons.append(f'head_dim {packed.shape[-1]} is not one of {KERNEL_HEAD_DIMS}')
+    return reasons
+
+
+def _attention_kernel(packed: torch.Tensor, cluster_len: int) -> List[str]:
+    reasons = _ranking_kernel(packed)
     if cluster_len > KERNEL_MAX_CLUSTER:
         reasons.append(f'clusters of {cluster_len} tokens are longer than {KERNEL_MAX_CLUSTER}')
     return reasons
@@ -169,13 +174,6 @@ def _attention_chunked(packed: torch.Tensor, cluster_len: int) -> List[str]:
     if cluster_len > CHUNKED_MAX_CLUSTER:
         reasons.append(f'clusters of {cluster_len} tokens are longer than {CHUNKED_MAX_CLUSTER}')
     return reasons + _traced()
-
-
-def _ranking_kernel(packed: torch.Tensor) -> List[str]:
-    reasons = _cpu_float32(packed) + _kernel_runs()
-    if packed.shape[-1] not in KERNEL_HEAD_DIMS:
-        reasons.append(f'head_dim {packed.shape[-1]} is not one of {KERNEL_HEAD_DIMS}')
-    return reasons
 
 
 def _radix_sort(scores: torch.Tensor) -> List[str]:

@@ -116,11 +116,10 @@ class ConvFFN(nn.Module):
 
     def forward(self, x: Tensor, norm: nn.Module = None) -> Tensor:
         """x: (B, H, W, C), normalised first by ``norm`` (the block's pre-norm) if given."""
-        norm = nn.Identity() if norm is None else norm
         params = _RecomputedNormFFN.params(norm, self) if isinstance(norm, nn.LayerNorm) else ()
         if (self.recompute != 'none' and params and torch.is_grad_enabled()
                 and any(t.requires_grad for t in (x, *params)) and dispatch.choose_backend('ffn') == 'recompute'):
             return _RecomputedNormFFN.apply(x, norm, self, self.recompute == 'activation', *params)
-        pre_act = linear_nhwc(norm(x), self.fc1.weight, self.fc1.bias)
+        pre_act = linear_nhwc(x if norm is None else norm(x), self.fc1.weight, self.fc1.bias)
         hidden = self.activate(pre_act, inplace=not torch.is_grad_enabled())
         return linear_nhwc(hidden, self.fc2.weight, self.fc2.bias)
