@@ -87,6 +87,14 @@ def to_backbone_state_dict(state_dict, prefix=None):
     return OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith(CLASSIFIER_HEAD_PREFIX))
 
 
+def unbuilt_prefixes(model):
+    """Key prefixes of the layers a backbone does not build: the stages after its last output, the
+    downsampling after it, and the output norms of stages it does not return."""
+    last = len(model.stages) - 1
+    return ((f'stages.{last}.downsample.',) + tuple(f'stages.{i}.' for i in range(last + 1, model.num_stages))
+            + tuple(f'norm{i}.' for i in range(model.num_stages) if i not in model.out_indices))
+
+
 def load_backbone_checkpoint(model, filename, prefix=None, use_ema=False, logger='current'):
     """Load a checkpoint into a SecViT backbone, reporting what did not match.
 
@@ -111,7 +119,9 @@ def load_backbone_checkpoint(model, filename, prefix=None, use_ema=False, logger
     missing = [k for k in result.missing_keys if not k.startswith(output_norms)]
     if missing:
         print_log(f'Missing keys (left as initialised) in {filename}: {missing}', logger, level=logging.WARNING)
-    if result.unexpected_keys:
-        print_log(f'Unexpected keys (ignored) in {filename}: {result.unexpected_keys}', logger, level=logging.WARNING)
+    unbuilt = unbuilt_prefixes(model)
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(unbuilt)]
+    if unexpected:
+        print_log(f'Unexpected keys (ignored) in {filename}: {unexpected}', logger, level=logging.WARNING)
     print_log(f'Loaded {len(matched)} of {len(own)} SecViT tensors from {filename}', logger)
     return result

@@ -235,7 +235,7 @@ class SecViT(BaseModule):
         cluster_size (int | Sequence[int] | None): Fixed maximum tokens per cluster per stage (-1 is
             global attention); the cluster count then grows with the image and cost stays linear in the
             number of pixels. Mutually exclusive with ``num_clusters``.
-        out_indices (Sequence[int]): Stages whose outputs are returned.
+        out_indices (Sequence[int]): Stages whose outputs are returned; stages after the last are not built.
         drop_path_rate (float | None): Stochastic depth rate, linear over all blocks. Default: the
             variant's rate (0.1 / 0.15 / 0.4 / 0.5).
         layer_scale_init (float): Initial layer scale in the stages where the variant uses it.
@@ -297,6 +297,8 @@ class SecViT(BaseModule):
                 raise ValueError(f'{name} entries must be -1 (global attention) or a positive int, got {values}')
 
         self.out_indices = tuple(out_indices)
+        if not self.out_indices:
+            raise ValueError('out_indices must name at least one stage')
         for index in self.out_indices:
             if not 0 <= index < self.num_stages:
                 raise ValueError(f'out_indices entries must be in [0, {self.num_stages}), got {self.out_indices}')
@@ -313,12 +315,14 @@ class SecViT(BaseModule):
         recompute_modes = resolve_recompute_ffn(recompute_ffn, self.num_stages)
 
         self.patch_embed = build_stem(self.embed_dims[0], norm_cfg)
+        # Stages after the last returned one are not built: they would cost time and, unused, break DDP.
+        last_stage = max(self.out_indices)
         self.stages = nn.ModuleList()
-        for i in range(self.num_stages):
+        for i in range(last_stage + 1):
             first = sum(self.depths[:i])
             self.stages.append(SecViTStage(
                 self.embed_dims[i], self.depths[i], num_heads[i],
-                out_dims=self.embed_dims[i + 1] if i + 1 < self.num_stages else None,
+                out_dims=self.embed_dims[i + 1] if i < last_stage else None,
                 drop_paths=drop_paths[first:first + self.depths[i]],
                 with_cp=with_cp,
                 norm_cfg=norm_cfg,
@@ -341,7 +345,7 @@ class SecViT(BaseModule):
         frozen = []
         if self.frozen_stages >= 0:
             frozen.append(self.patch_embed)
-        for i in range(self.frozen_stages):
+        for i in range(min(self.frozen_stages, len(self.stages))):
             frozen.append(self.stages[i])
             if i in self.out_indices:
                 frozen.append(getattr(self, f'norm{i}'))

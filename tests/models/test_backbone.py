@@ -78,6 +78,29 @@ def test_out_indices_select_outputs():
     assert [o.shape[1] for o in outs] == [64, 256] == list(unordered.out_channels)  # stage order
 
 
+def test_stages_after_the_last_output_are_not_built():
+    full = SecViT('tiny').eval()
+    early = SecViT('tiny', out_indices=(0, 2))
+    assert len(early.stages) == 3 and early.stages[2].downsample is None
+    early.load_state_dict({k: v for k, v in full.state_dict().items() if k in early.state_dict()})
+    early.eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = full(x)
+        outs = early(x)
+    torch.testing.assert_close(outs[0], expected[0])
+    torch.testing.assert_close(outs[1], expected[2])
+    early.train()
+    sum(o.sum() for o in early(x)).backward()
+    no_grad = [name for name, p in early.named_parameters() if p.grad is None]
+    assert not no_grad  # DDP without find_unused_parameters needs every parameter used
+
+
+def test_empty_out_indices_are_refused():
+    with pytest.raises(ValueError, match='out_indices must name at least one stage'):
+        SecViT('tiny', out_indices=())
+
+
 @pytest.mark.parametrize('kwargs, message', [
     (dict(cluster_size=0), 'cluster_size entries must be -1'), (dict(cluster_size=-7), 'cluster_size entries'),
     (dict(num_clusters=0), 'num_clusters entries must be -1'), (dict(num_clusters=(32, 8, 2.5, -1)), 'num_clusters'),

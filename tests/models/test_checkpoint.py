@@ -53,6 +53,17 @@ def test_pretrained_init_cfg_reads_own_and_detector_layouts(tmp_path):
             torch.testing.assert_close(target.state_dict()[key], value, msg=key)
 
 
+def test_full_checkpoint_loads_silently_into_a_backbone_with_fewer_stages(tmp_path, mmengine_log):
+    source = SecViT('tiny')
+    torch.save(source.state_dict(), tmp_path / 'full.pth')
+    target = SecViT('tiny', out_indices=(0, 1), init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'full.pth')))
+    target.init_weights()
+    log = mmengine_log.getvalue()
+    assert 'Unexpected keys' not in log and 'Missing keys' not in log
+    for key, value in target.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[key], msg=key)
+
+
 def test_partial_checkpoint_reports_missing_and_unexpected_keys(official, mmengine_log):
     _, path = official
     state = torch.load(path)['model']
