@@ -351,3 +351,14 @@ def test_recompute_ffn_rejects_unknown_modes():
         SecViT('tiny', recompute_ffn='fc1')
     with pytest.raises(ValueError, match='one entry per stage'):
         SecViT('tiny', recompute_ffn=('all', 'all'))
+
+
+def test_ddp_trains_a_backbone_that_omits_the_last_stage(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(SecViT('tiny', out_indices=(0, 1, 2)))
+        for _ in range(2):  # an unused parameter fails the second step ("Expected to have finished reduction")
+            sum(o.mean() for o in model(torch.randn(1, 3, 64, 64))).backward()
+    finally:
+        dist.destroy_process_group()
