@@ -30,3 +30,17 @@ def attention_impl(request):
     impl, _, isa = request.param.partition('-')
     with use_kernels(bool(isa), isa=isa or None):
         yield impl
+
+
+def pytest_addoption(parser):
+    parser.addoption('--device', default='cpu',
+                     help='device of tests/integration/test_device.py (tools/gpu_check.sh passes cuda)')
+
+
+@pytest.fixture
+def device(request):
+    """The device under test, from ``--device``."""
+    name = request.config.getoption('--device')
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise pytest.UsageError(f'--device {name}: torch.cuda.is_available() is False')
+    return torch.device(name)

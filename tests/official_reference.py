@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmsecvit.models import SecViT, convert_official_state_dict
 from mmsecvit.models.secvit import ARCH_SETTINGS
 
 
@@ -209,3 +210,17 @@ def official_training_checkpoint(path, arch='tiny', **extra):
     torch.save({'model': model.state_dict(), 'model_ema': ema, 'optimizer': {'state': {}, 'param_groups': []},
                 'epoch': 299, 'args': argparse.Namespace(model='SecViT_T', lr=1e-3, drop_path=0.1), **extra}, path)
     return model
+
+
+def build_pair(arch, **kwargs):
+    """An official reference model with random weights and our backbone loaded from its converted state.
+
+    Both run in float64: the argsort makes SEC discontinuous, and float32 rounding differences between two
+    correct implementations can swap near-tied tokens across a cluster boundary after a few blocks.
+    """
+    official = official_model(arch, **kwargs).eval()
+    randomize_norms(official)
+    ours = SecViT(arch, out_norm_cfg=None, **kwargs)
+    state = {k: v for k, v in convert_official_state_dict(official.state_dict()).items() if not k.startswith('head.')}
+    ours.load_state_dict(state, strict=True)
+    return official.double(), ours.eval().double()

@@ -6,16 +6,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmsecvit.models import SecViT, SecViTClassifier, convert_official_state_dict
+from mmsecvit.models import SecViT, SecViTClassifier
 from mmsecvit.models.secvit import ARCH_SETTINGS, SECAttention, resolve_arch
 from mmsecvit.ops import cluster_length, rope_angles, rope_tables, use_kernels
 
 from helpers import assert_float32_close
 from official_reference import (
     OFFICIAL_PARAMS,
+    build_pair,
     num_params,
     official_model,
-    randomize_norms,
     reference_cluster_attention,
     reference_rope,
 )
@@ -126,20 +126,6 @@ def test_empty_batch_gives_empty_maps_on_every_path(backend_name):
 def test_bad_input_names_expected_shape(shape, message):
     with pytest.raises(ValueError, match=message):
         SecViT('tiny')(torch.randn(*shape))
-
-
-def build_pair(arch, **kwargs):
-    """An official reference model with random weights and our backbone loaded from its converted state.
-
-    Both run in float64: the argsort makes SEC discontinuous, and float32 rounding differences between two
-    correct implementations can swap near-tied tokens across a cluster boundary after a few blocks.
-    """
-    official = official_model(arch, **kwargs).eval()
-    randomize_norms(official)
-    ours = SecViT(arch, out_norm_cfg=None, **kwargs)
-    state = {k: v for k, v in convert_official_state_dict(official.state_dict()).items() if not k.startswith('head.')}
-    ours.load_state_dict(state, strict=True)
-    return official.double(), ours.eval().double()
 
 
 @pytest.mark.parametrize('size', [(224, 224), (97, 131)])

@@ -44,6 +44,7 @@ MODELS = ('secvit_t', 'secvit_s', 'swin_t', 'swin_s')
 KNOWN_MODELS = ('secvit_t', 'secvit_s', 'secvit_b', 'secvit_l', 'swin_t', 'swin_s')
 SWIN_SETTINGS = {'swin_t': dict(depths=(2, 2, 6, 2)), 'swin_s': dict(depths=(2, 2, 18, 2))}
 TUNED_MALLOC = {'MALLOC_MMAP_THRESHOLD_': str(2 ** 32), 'MALLOC_TRIM_THRESHOLD_': str(2 ** 36)}
+AUTOCAST_DTYPES = {'float32': None, 'bfloat16': 'bfloat16', 'float16': 'float16'}
 RETURNING_MALLOC = {'MALLOC_MMAP_THRESHOLD_': str(2 ** 16)}
 
 
@@ -59,6 +60,9 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch CPU threads')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--cluster-size', type=int, default=98, help='SecViT tokens per cluster')
+    parser.add_argument('--batch', type=int, default=1, help='images per batch')
+    parser.add_argument('--dtype', choices=sorted(AUTOCAST_DTYPES), default='float32',
+                        help='float32, or autocast to bfloat16 / float16 (the parameters stay float32)')
     parser.add_argument('--no-backward', action='store_true', help='forward only')
     parser.add_argument('--allocator', choices=['tuned', 'default'], default='tuned',
                         help='glibc malloc settings of the measuring processes on the CPU (see above)')
@@ -103,7 +107,10 @@ def measure(args):
     height, width = parse_size(size)
     device = torch.device(args.device)
     models = {name: build_model(name, args.cluster_size).to(device) for name in names}
-    x = torch.randn(1, 3, height, width, device=device)
+    x = torch.randn(args.batch, 3, height, width, device=device)
+    autocast_dtype = AUTOCAST_DTYPES[args.dtype]
+    autocast = functools.partial(torch.autocast, device.type, getattr(torch, autocast_dtype or 'float32'),
+                                 enabled=autocast_dtype is not None)
     repeats = args.repeats or (5 if height * width < 800 * 1344 else 3)
     results = {name: {} for name in names}
 
@@ -112,7 +119,8 @@ def measure(args):
             torch.cuda.synchronize()
 
     def train_step(model):
-        outs = model(x)
+        with autocast():
+            outs = model(x)
         sum(o.float().mean() for o in outs).backward()
         model.zero_grad(set_to_none=True)
 
@@ -150,8 +158,10 @@ def measure(args):
         in_turns({name: functools.partial(train_step, models[name]) for name in backward}, 'fwd_bwd_s')
         for model in models.values():
             model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             in_turns({name: functools.partial(model, x) for name, model in models.items()}, 'fwd_s')
+            for name, model in models.items():
+                results[name]['output_dtype'] = str(model(x)[-1].dtype).replace('torch.', '')
     print(json.dumps(results))
 
 
@@ -164,6 +174,7 @@ def available_mib():
 def run_child(args, models, size, forward_only, measure, malloc=None):
     command = [sys.executable, __file__, '--child', ','.join(models), size, '--threads', str(args.threads),
                '--device', args.device, '--cluster-size', str(args.cluster_size), '--repeats', str(args.repeats),
+               '--batch', str(args.batch), '--dtype', args.dtype,
                '--measure', measure, '--forward-only', ','.join(forward_only)]
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(malloc or {})})
     if proc.returncode != 0:
@@ -179,7 +190,8 @@ def measure_size(args, size, models, forward_only):
     and the models are timed together with the chosen allocator; on a GPU one process per round measures
     both.
     """
-    results = {model: dict(model=model, size=size, device=args.device, threads=args.threads) for model in models}
+    results = {model: dict(model=model, size=size, device=args.device, threads=args.threads, batch=args.batch,
+                           dtype=args.dtype) for model in models}
     timing_malloc = None
     if args.device == 'cpu':
         for model in models:
@@ -266,7 +278,7 @@ def main(argv=None):
         raise SystemExit(f'Unknown models {unknown}; choose from {" ".join(KNOWN_MODELS)}')
     print(describe_machine(), flush=True)
     print(f'device {args.device}, {args.threads} threads, allocator {args.allocator}, '
-          f'SecViT cluster_size {args.cluster_size}', flush=True)
+          f'SecViT cluster_size {args.cluster_size}, batch {args.batch}, {args.dtype}', flush=True)
     results = {}
     for size in sizes:
         forward_only = [] if not args.no_backward else list(args.models)
