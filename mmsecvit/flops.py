@@ -6,9 +6,10 @@ reported separately: the official SecViT figures (2.5 / 4.4 / 9.7 / 18.1 GFLOPs 
 count without them (within 1.5%), while the full count is 7-9% higher.
 """
 from math import prod
-from typing import NamedTuple
+from typing import Any, List, NamedTuple, Sequence
 
 import torch
+import torch.nn as nn
 from mmengine.analysis import FlopAnalyzer
 from mmengine.analysis.jit_handles import get_shape
 
@@ -21,17 +22,17 @@ class Complexity(NamedTuple):
     params: int
 
     @property
-    def flops_without_attention(self):
+    def flops_without_attention(self) -> int:
         return self.flops - self.attention_flops
 
 
-def attention_flop_jit(inputs, outputs):
+def attention_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     """``softmax(q k^T) v``: (..., L, d) x (..., S, d) then (..., L, S) x (..., S, dv)."""
     q, k, v = (get_shape(value) for value in inputs[:3])
     return prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
-def count_flops(model, input_shape):
+def count_flops(model: nn.Module, input_shape: Sequence[int]) -> Complexity:
     """FLOPs and parameters of ``model`` on one zero input of ``input_shape`` (C, H, W), in eval mode."""
     was_training = model.training
     model.eval()

@@ -12,6 +12,7 @@ is still refused by ``torch.load``.
 """
 import argparse
 import pickle
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ def _numpy_globals():
 HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')
 
 
-def history_buffer_getattr(obj, name):
+def history_buffer_getattr(obj: object, name: str) -> Callable[..., Any]:
     """Stands in for ``builtins.getattr`` while unpickling: only ``HistoryBuffer``'s statistics methods."""
     if obj is HistoryBuffer and name in HISTORY_BUFFER_STATISTICS:
         return getattr(obj, name)
@@ -42,7 +43,7 @@ MMENGINE_CHECKPOINT_GLOBALS = [HistoryBuffer, (history_buffer_getattr, 'builtins
 TRAINING_ARGS_GLOBALS = [(argparse.Namespace, 'argparse.Namespace')]
 
 
-def allow_mmengine_checkpoints():
+def allow_mmengine_checkpoints() -> None:
     """Add the types found in mmengine and official SecViT checkpoints to torch's ``weights_only`` allowlist
     (idempotent)."""
     torch.serialization.add_safe_globals(MMENGINE_CHECKPOINT_GLOBALS + TRAINING_ARGS_GLOBALS)

@@ -15,8 +15,10 @@ import math
 import os
 import os.path as osp
 import re
+from typing import Any, List, Optional
 
 import torch
+from mmengine.config import Config
 from mmengine.dist import is_main_process
 from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook
@@ -29,7 +31,7 @@ RESUMABLE_NAME = re.compile(r'(?:epoch|iter)_(\d+)\.pth')
 PLAIN_CHECKPOINT_HOOK_TYPES = ('CheckpointHook', 'mmengine.CheckpointHook', CheckpointHook)
 
 
-def replace_atomically(temporary, path):
+def replace_atomically(temporary: str, path: str) -> None:
     """Flush ``temporary`` to disk and rename it to ``path``, replacing any file there in one step.
 
     Args:
@@ -49,7 +51,7 @@ def replace_atomically(temporary, path):
         os.close(directory)
 
 
-def write_text_atomically(path, text):
+def write_text_atomically(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, so that ``path`` holds the old or the new text.
 
     Args:
@@ -62,7 +64,7 @@ def write_text_atomically(path, text):
     replace_atomically(temporary, path)
 
 
-def save_checkpoint_atomically(runner, out_dir, filename, **save_kwargs):
+def save_checkpoint_atomically(runner: Runner, out_dir: str, filename: str, **save_kwargs: Any) -> str:
     """Save ``runner``'s checkpoint as ``out_dir/filename`` so that the name never holds a partial file.
 
     The checkpoint goes to ``filename + '.saving'`` first and is renamed into place once complete. If saving
@@ -142,7 +144,7 @@ class SafeCheckpointHook(CheckpointHook):
         return outdated
 
 
-def use_safe_checkpoint_hook(cfg):
+def use_safe_checkpoint_hook(cfg: Config) -> None:
     """Save the checkpoints of ``cfg`` with :class:`SafeCheckpointHook` where it uses mmengine's plain
     ``CheckpointHook`` (as mmengine does when ``default_hooks`` names no checkpoint hook); a custom hook or
     ``checkpoint=None`` is left alone.
@@ -156,7 +158,7 @@ def use_safe_checkpoint_hook(cfg):
         cfg.default_hooks = {**default_hooks, 'checkpoint': {**hook, 'type': 'SafeCheckpointHook'}}
 
 
-def unreadable_reason(path):
+def unreadable_reason(path: str) -> Optional[str]:
     """Why a run cannot resume from ``path``; None when it is an intact training checkpoint.
 
     Intact means ``torch.load(path, weights_only=True, map_location='cpu')`` reads it and it holds what
@@ -199,7 +201,7 @@ def _newness(path):
     return mtime, int(number.group(1)) if number else -1
 
 
-def resume_candidates(work_dir):
+def resume_candidates(work_dir: str) -> List[str]:
     """The checkpoints a run in ``work_dir`` could resume from, newest first.
 
     They are the ``epoch_*.pth`` and ``iter_*.pth`` files in ``work_dir`` and in the directory of the
@@ -223,7 +225,7 @@ def resume_candidates(work_dir):
     return sorted(paths, key=_newness, reverse=True)
 
 
-def resolve_resume_checkpoint(cfg):
+def resolve_resume_checkpoint(cfg: Config) -> List[str]:
     """Choose the checkpoint a ``resume=True`` run starts from, and set ``cfg.load_from`` to it.
 
     With ``load_from`` given, that checkpoint must be intact. Without it (auto resume), the newest intact

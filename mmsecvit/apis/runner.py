@@ -2,8 +2,10 @@
 
 Works for mmdet and mmseg configs alike; the config's ``default_scope`` says which.
 """
+import argparse
 import os
 import os.path as osp
+from typing import Optional
 
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
@@ -14,7 +16,7 @@ from .checkpoints import resolve_resume_checkpoint, use_safe_checkpoint_hook
 SCOPES = ('mmdet', 'mmseg')
 
 
-def add_common_args(parser):
+def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--work-dir', help='directory for logs and checkpoints (default: ./work_dirs/<config name>)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, e.g. train_dataloader.batch_size=4')
@@ -23,7 +25,7 @@ def add_common_args(parser):
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
-def load_config(path, cfg_options=None):
+def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     """Load a config, apply overrides and import its custom modules, with errors that say what to fix."""
     if not osp.isfile(path):
         raise FileNotFoundError(f'Config file {path!r} does not exist (looked from {os.getcwd()})')
@@ -53,7 +55,7 @@ def _dataset_roots(dataset):
     yield dataset.get('data_root', ''), dataset.get('ann_file', '')
 
 
-def check_data_roots(cfg):
+def check_data_roots(cfg: Config) -> None:
     """Fail early, with the path to fix, when a dataloader points at data that is not there."""
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         if not cfg.get(loader):
@@ -68,7 +70,7 @@ def check_data_roots(cfg):
                 raise FileNotFoundError(f'{loader}: annotation file {ann_path!r} does not exist')
 
 
-def check_pretrained(cfg):
+def check_pretrained(cfg: Config) -> None:
     """Fail before training, with what to do, when the backbone's pretrained checkpoint file is missing."""
     init_cfg = cfg.model.get('backbone', {}).get('init_cfg') or {}
     path = init_cfg.get('checkpoint') if init_cfg.get('type') == 'Pretrained' else None
@@ -79,11 +81,11 @@ def check_pretrained(cfg):
             'model.backbone.init_cfg.checkpoint=/path/to/it, or model.backbone.init_cfg=None to train from scratch')
 
 
-def default_work_dir(config_path):
+def default_work_dir(config_path: str) -> str:
     return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
 
 
-def setup_cpu_distributed(cfg):
+def setup_cpu_distributed(cfg: Config) -> None:
     """torchrun without CUDA: a gloo process group (mmengine's launcher would select a CUDA device) and
     DDP without device ids."""
     import torch.distributed as dist
@@ -94,7 +96,7 @@ def setup_cpu_distributed(cfg):
                                  find_unused_parameters=cfg.get('find_unused_parameters', False))
 
 
-def finish_distributed():
+def finish_distributed() -> None:
     """Tear the process group down before exit (gloo processes exiting with it alive can abort)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
@@ -102,7 +104,7 @@ def finish_distributed():
         dist.destroy_process_group()
 
 
-def build_runner_from_args(cfg, args):
+def build_runner_from_args(cfg: Config, args: argparse.Namespace) -> Runner:
     """Apply the command-line settings shared by train and test, then build the runner.
 
     Checkpoints are saved crash-safely (mmengine's plain CheckpointHook becomes ``SafeCheckpointHook``), and a

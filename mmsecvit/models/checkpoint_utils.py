@@ -2,9 +2,13 @@
 import logging
 import re
 from collections import OrderedDict
+from typing import Any, Dict, Optional, Tuple, Union
 
+import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
+from torch import Tensor
+from torch.nn.modules.module import _IncompatibleKeys
 
 # Official key -> our key. 1x1 convs become nn.Linear and layer scales become vectors, so those tensors
 # are also reshaped (see convert_official_state_dict). The classification head goes under ``head.``.
@@ -28,12 +32,12 @@ _LINEAR_SUFFIXES = ('attn.qkv.weight', 'attn.proj.weight', 'ffn.fc1.weight', 'ff
 CLASSIFIER_HEAD_PREFIX = 'head.'
 
 
-def is_official_layout(state_dict):
+def is_official_layout(state_dict: Dict[str, Tensor]) -> bool:
     """True for the official SecViT key names (``layers.N...`` / ``patch_embed.proj.N...``)."""
     return any(key.startswith(('layers.', 'patch_embed.proj.')) for key in state_dict)
 
 
-def convert_official_state_dict(state_dict):
+def convert_official_state_dict(state_dict: Dict[str, Tensor]) -> OrderedDict[str, Tensor]:
     """Rename and reshape an official SecViT state dict into the mmsecvit layout.
 
     Backbone keys come out as in :class:`mmsecvit.models.SecViT`; the classification head (1x1 proj,
@@ -55,7 +59,7 @@ def convert_official_state_dict(state_dict):
     return converted
 
 
-def extract_state_dict(checkpoint, use_ema=False):
+def extract_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False) -> OrderedDict[str, Tensor]:
     """Find the weights inside a loaded checkpoint and strip DDP ``module.`` prefixes.
 
     Args:
@@ -74,7 +78,7 @@ def extract_state_dict(checkpoint, use_ema=False):
     return OrderedDict((k[len('module.'):] if k.startswith('module.') else k, v) for k, v in state_dict.items())
 
 
-def to_backbone_state_dict(state_dict, prefix=None):
+def to_backbone_state_dict(state_dict: Dict[str, Tensor], prefix: Optional[str] = None) -> OrderedDict[str, Tensor]:
     """Backbone weights from an official, mmsecvit classifier, mmdet/mmseg or bare backbone state dict."""
     if is_official_layout(state_dict):
         state_dict = convert_official_state_dict(state_dict)
@@ -87,7 +91,7 @@ def to_backbone_state_dict(state_dict, prefix=None):
     return OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith(CLASSIFIER_HEAD_PREFIX))
 
 
-def unbuilt_prefixes(model):
+def unbuilt_prefixes(model: nn.Module) -> Tuple[str, ...]:
     """Key prefixes of the layers a backbone does not build: the stages after its last output, the
     downsampling after it, and the output norms of stages it does not return."""
     last = len(model.stages) - 1
@@ -95,7 +99,8 @@ def unbuilt_prefixes(model):
             + tuple(f'norm{i}.' for i in range(model.num_stages) if i not in model.out_indices))
 
 
-def load_backbone_checkpoint(model, filename, prefix=None, use_ema=False, logger='current'):
+def load_backbone_checkpoint(model: nn.Module, filename: str, prefix: Optional[str] = None, use_ema: bool = False,
+                             logger: Optional[Union[logging.Logger, str]] = 'current') -> _IncompatibleKeys:
     """Load a checkpoint into a SecViT backbone, reporting what did not match.
 
     Raises:

@@ -1,5 +1,6 @@
 """Convolution + norm (+ GELU) layers whose eval-mode batch norm is folded into the convolution at inference."""
 from collections import OrderedDict
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -10,7 +11,8 @@ from torch import Tensor
 from . import dispatch
 
 
-def fold_batch_norm(conv_weight, conv_bias, norm_weight, norm_bias, running_mean, running_var, eps):
+def fold_batch_norm(conv_weight: Tensor, conv_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                    running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """Weight and bias of one convolution equal to ``conv`` followed by an eval-mode batch norm."""
     scale = norm_weight * (running_var + eps).rsqrt()
     return conv_weight * scale[:, None, None, None], (conv_bias - running_mean) * scale + norm_bias

@@ -4,7 +4,7 @@ On large float32 CPU maps the projections run as oneDNN 1x1 convolutions of the 
 with their own backward; the pre-norm before a projection can be recomputed in backward instead of kept
 (see docs/performance.md).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -135,7 +135,7 @@ class PackedQKV(nn.Linear):
         super().__init__(embed_dims, 3 * embed_dims)
         self.num_heads = num_heads
 
-    def per_head(self, weight: Tensor, bias: Tensor):
+    def per_head(self, weight: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
         """Weight and bias with rows ordered (head, q/k/v, channel)."""
         channels = weight.shape[1]
         weight = weight.view(3, self.num_heads, -1, channels).transpose(0, 1)
