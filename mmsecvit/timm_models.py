@@ -13,11 +13,22 @@ the official parameter counts. No weights are hosted; load a local file, officia
     timm.create_model('secvit_small', checkpoint_path='path/to/converted_with_head.pth')
 """
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .models.classifier import SecViTClassifier, to_classifier_state_dict
+from .models.secvit import SecViTBlock
+from .ops import ConvNormAct, rope_tables
 
 __all__ = ['secvit_tiny', 'secvit_small', 'secvit_base', 'secvit_large']
+
+# Leaves of torch.fx symbolic tracing (timm's fx feature extraction and fx tests). A block ranks its tokens by their
+# content and its layers choose their implementation from the tensors they get; conv + norm layers fold their batch
+# norm only when no gradient is recorded: traced through, these run-time choices would be frozen at trace time.
+# The rotary tables are a Python object built from the map size.
+register_notrace_module(SecViTBlock)
+register_notrace_module(ConvNormAct)
+register_notrace_function(rope_tables)
 
 
 def checkpoint_filter_fn(state_dict, model):
@@ -26,14 +37,10 @@ def checkpoint_filter_fn(state_dict, model):
 
 
 def _create_secvit(variant, arch, pretrained=False, **kwargs):
-    in_chans = kwargs.get('in_chans', 3)
-    if in_chans != 3:
-        raise ValueError(f'SecViT takes RGB input (in_chans=3), got in_chans={in_chans}')
     return build_model_with_cfg(
         SecViTClassifier, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-        kwargs_filter=('in_chans',),  # always 3, which the model does not take as an argument
         arch=arch,
         **kwargs)
 

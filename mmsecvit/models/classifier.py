@@ -12,6 +12,7 @@ from .checkpoint_utils import CLASSIFIER_HEAD_PREFIX, convert_official_state_dic
 from .secvit import SecViT, resolve_arch
 
 BACKBONE_PREFIX = 'backbone.'
+GLOBAL_POOLS = ('avg', '')  # timm's global_pool values the head takes: average pooling, none
 
 
 class SecViTClassifierHead(nn.Module):
@@ -19,26 +20,46 @@ class SecViTClassifierHead(nn.Module):
 
     Args:
         in_dims (int): Channels of the last stage.
-        num_classes (int): Classes; 0 returns the pooled features.
-        head_dims (int): Channels of the projection before pooling.
+        num_classes (int): Classes; 0 returns the pre-logits features.
+        head_dims (int): Channels of the projection before pooling; 0 for no projection (the head of a
+            pruned model).
         drop_rate (float): Dropout before the classifier.
+        global_pool (str): 'avg', or '' for no pooling: features and logits stay (B, C, H, W) maps.
     """
 
-    def __init__(self, in_dims, num_classes=1000, head_dims=1024, drop_rate=0.0):
+    def __init__(self, in_dims, num_classes=1000, head_dims=1024, drop_rate=0.0, global_pool='avg'):
         super().__init__()
-        self.proj = nn.Conv2d(in_dims, head_dims, 1)
-        self.norm = nn.BatchNorm2d(head_dims)
-        self.act = nn.SiLU()
+        self.hidden_size = head_dims or in_dims
+        self.proj = nn.Conv2d(in_dims, head_dims, 1) if head_dims else None
+        self.norm = nn.BatchNorm2d(head_dims) if head_dims else None
+        self.act = nn.SiLU() if head_dims else None
         self.drop = nn.Dropout(drop_rate)
-        self.fc = build_classifier(head_dims, num_classes)
+        self.reset(num_classes, global_pool)
+
+    def reset(self, num_classes, global_pool=None):
+        """New classifier for ``num_classes`` (0: none); ``global_pool`` None keeps the pooling."""
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"SecViT's head average-pools ('avg') or does not pool (''); "
+                                 f'global_pool={global_pool!r} is not supported')
+            self.global_pool = global_pool
+        self.fc = build_classifier(self.hidden_size, num_classes)
 
     def pre_logits(self, x):
-        """x: (B, C, H, W) last-stage map. Returns the pooled (B, head_dims) features."""
-        return self.act(self.norm(self.proj(x))).mean(dim=(2, 3))
+        """x: (B, C, H, W) last-stage map. Returns the pooled (B, hidden_size) features, or without pooling
+        the (B, hidden_size, H, W) map."""
+        if self.proj is not None:
+            x = self.act(self.norm(self.proj(x)))
+        return x.mean(dim=(2, 3)) if self.global_pool else x
 
     def forward(self, x, pre_logits=False):
         x = self.pre_logits(x)
-        return x if pre_logits else self.fc(self.drop(x))
+        if pre_logits:
+            return x
+        x = self.drop(x)
+        if self.global_pool:
+            return self.fc(x)
+        return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # unpooled: logits at every position
 
 
 def build_classifier(in_features, num_classes):
@@ -77,30 +98,41 @@ class SecViTClassifier(nn.Module):
 
     Args:
         arch (str | dict): See :class:`SecViT`.
-        num_classes (int): Classes of the head; 0 makes ``forward`` return the pooled features.
-        head_dims (int): Channels of the head's projection.
+        num_classes (int): Classes of the head; 0 makes ``forward`` return the pre-logits features.
+        global_pool (str): 'avg', or '' for no pooling (timm's unpooled head: (B, C, H, W) features and logits).
+        in_chans (int): Input channels; SecViT takes RGB only (3).
+        head_dims (int): Channels of the head's projection; 0 for none (pooling and classifier on the last stage).
         drop_rate (float): Dropout before the classifier.
+        device (torch.device | str | None): Device of the parameters; None for the default device.
+        dtype (torch.dtype | None): Floating-point type of the parameters; None for the default.
         **backbone_kwargs: Other :class:`SecViT` arguments (clusters, drop path, ``with_cp``...).
     """
 
-    def __init__(self, arch='small', num_classes=1000, head_dims=1024, drop_rate=0.0, **backbone_kwargs):
+    def __init__(self, arch='small', num_classes=1000, global_pool='avg', in_chans=3, head_dims=1024, drop_rate=0.0,
+                 device=None, dtype=None, **backbone_kwargs):
         super().__init__()
+        if in_chans != 3:
+            raise ValueError(f'SecViT takes RGB input (in_chans=3), got in_chans={in_chans}')
+        self.in_chans = in_chans
         num_stages = len(resolve_arch(arch)['depths'])
         self.backbone = SecViT(arch=arch, out_indices=tuple(range(num_stages)), out_norm_cfg=None, **backbone_kwargs)
         self.backbone.init_weights()
         self.num_classes = num_classes
         self.num_features = self.backbone.embed_dims[-1]
-        self.head_hidden_size = head_dims
-        self.head = SecViTClassifierHead(self.num_features, num_classes, head_dims, drop_rate)
+        self.head = SecViTClassifierHead(self.num_features, num_classes, head_dims, drop_rate, global_pool)
+        self.head_hidden_size = self.head.hidden_size
         self.feature_info = [dict(num_chs=dims, reduction=4 * 2 ** i, module=f'backbone.stages.{i}')
                              for i, dims in enumerate(self.backbone.embed_dims)]
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def forward_features(self, x):
         """x: (B, 3, H, W). Returns the last stage's (B, C, H / 32, W / 32) map."""
         return self.backbone(x)[-1]
 
     def forward_head(self, x, pre_logits=False):
-        """Pool the last-stage map and classify; ``pre_logits`` returns the pooled (B, head_dims) features."""
+        """Pool the last-stage map and classify; ``pre_logits`` returns the pooled (B, head_hidden_size) features
+        (with ``global_pool=''`` both stay (B, C, H, W) maps)."""
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x):
@@ -110,50 +142,57 @@ class SecViTClassifier(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes, global_pool=None):
-        """Replace the classifier by a new one for ``num_classes`` (0: none).
+        """Replace the classifier by a new one for ``num_classes`` (0: none), on the model's device and dtype.
 
         Args:
             num_classes (int): New number of classes.
-            global_pool (str | None): Only average pooling exists; None or 'avg'.
+            global_pool (str | None): 'avg' or '' (no pooling); None keeps the current pooling.
         """
-        if global_pool not in (None, 'avg'):
-            raise ValueError(f"SecViT's head always average-pools; global_pool={global_pool!r} is not supported")
+        self.head.reset(num_classes, global_pool)
+        reference = next(self.parameters())
+        self.head.fc.to(device=reference.device, dtype=reference.dtype).train(self.head.training)
         self.num_classes = num_classes
-        self.head.fc = build_classifier(self.head_hidden_size, num_classes).to(self.head.proj.weight)
 
     def set_grad_checkpointing(self, enable=True):
         """Gradient checkpointing of every block (the backbone's ``with_cp``)."""
         for stage in self.backbone.stages:
             stage.with_cp = enable
 
-    def forward_intermediates(self, x, indices=None, norm=False, output_fmt='NCHW', intermediates_only=False):
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt='NCHW',
+                              intermediates_only=False):
         """Stage outputs (timm's feature extraction interface).
 
         Args:
             x (Tensor): (B, 3, H, W) images.
             indices (int | Sequence[int] | None): Stages to return; see :func:`resolve_feature_indices`.
-            norm (bool): Must be False: SecViT has no norm on its stage outputs.
+            norm (bool): Accepted for timm's interface; SecViT has no norm on its stage outputs.
+            stop_early (bool): Make the last taken stage's map the final one (SecViT still runs every stage).
             output_fmt (str): Must be 'NCHW'.
             intermediates_only (bool): Return only the stage outputs.
 
         Returns:
             list[Tensor] | tuple[Tensor, list[Tensor]]: The (B, C_i, H / s_i, W / s_i) stage maps, after
-            the last-stage map when ``intermediates_only`` is False.
+            the final map (the last stage's, see ``stop_early``) when ``intermediates_only`` is False.
         """
-        if norm or output_fmt != 'NCHW':
-            raise ValueError(f'SecViT returns un-normalised NCHW stage outputs; got norm={norm}, '
-                             f'output_fmt={output_fmt!r}')
+        if output_fmt != 'NCHW':
+            raise ValueError(f'SecViT returns NCHW stage outputs, got output_fmt={output_fmt!r}')
+        take_indices = resolve_feature_indices(len(self.feature_info), indices)
         stages = self.backbone(x)
-        intermediates = [stages[i] for i in resolve_feature_indices(len(self.feature_info), indices)]
-        return intermediates if intermediates_only else (stages[-1], intermediates)
+        intermediates = [stages[i] for i in take_indices]
+        if intermediates_only:
+            return intermediates
+        return (stages[max(take_indices)] if stop_early else stages[-1]), intermediates
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
         """Drop the stages after the last one in ``indices`` (and its downsampling) and the head.
 
+        ``forward_features`` then ends at that stage; with ``prune_head`` the head is replaced by one without
+        projection or classifier (``reset_classifier`` can add one on the stage's channels).
+
         Args:
             indices (int | Sequence[int] | None): Stages that will be taken.
             prune_norm (bool): Accepted for timm's interface; SecViT has no final norm to prune.
-            prune_head (bool): Replace the classification head by nothing.
+            prune_head (bool): Remove the classification head.
 
         Returns:
             list[int]: The absolute stage indices.
@@ -162,9 +201,13 @@ class SecViTClassifier(nn.Module):
         last = max(take_indices)
         self.backbone.stages = self.backbone.stages[:last + 1]
         self.backbone.stages[last].downsample = None
+        self.backbone.out_indices = tuple(range(last + 1))
         self.feature_info = self.feature_info[:last + 1]
+        self.num_features = self.feature_info[last]['num_chs']
         if prune_head:
-            self.head = nn.Identity()
+            self.head = SecViTClassifierHead(self.num_features, 0, 0, self.head.drop.p, '').train(self.training)
+            self.num_classes = 0
+            self.head_hidden_size = self.num_features
         return take_indices
 
 

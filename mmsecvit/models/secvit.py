@@ -311,7 +311,7 @@ class SecViT(BaseModule):
             drop_path_rate = settings['drop_path_rate']
         if not 0 <= drop_path_rate < 1:
             raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
-        drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths), device='cpu').tolist()
         recompute_modes = resolve_recompute_ffn(recompute_ffn, self.num_stages)
 
         self.patch_embed = build_stem(self.embed_dims[0], norm_cfg)
@@ -389,6 +389,14 @@ class SecViT(BaseModule):
         self._is_init = True
 
     def check_input(self, x):
+        """Raise ValueError unless ``x`` is a (B, 3, H, W) tensor with H, W >= :data:`MIN_INPUT_SIZE`.
+
+        Args:
+            x (Tensor | torch.fx.Proxy): The input; under torch.fx symbolic tracing (a Proxy) its shape is
+                unknown and nothing is checked.
+        """
+        if isinstance(x, torch.fx.Proxy):
+            return
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'SecViT expects a 4-D tensor of shape (B, 3, H, W), got {shape}')

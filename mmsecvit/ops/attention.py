@@ -18,6 +18,7 @@ Backends of the attention inside clusters (chosen in :mod:`mmsecvit.ops.dispatch
   clusters (:class:`_ClusterAttention`), and the inverse permutation back.
 - ``'fused'``: the same permutations around PyTorch's fused attention over a 4-D batch.
 """
+import contextlib
 import math
 from typing import List, Optional, Tuple
 
@@ -79,10 +80,15 @@ def key_scores(packed: Tensor, rope: Optional[RotaryTables] = None) -> Tensor:
 
     Computed as the ranking kernel computes them, whatever the input dtype or autocast state: the keys
     in float64, their sum rounded to float32, dot products and norms in float64, the scores rounded to
-    float32 (float64 input keeps float64 throughout). Every path then ranks the same keys alike.
+    float32 (float64 input keeps float64 throughout). Every path then ranks the same keys alike. An ONNX
+    export keeps the float64 ops: onnxruntime's CPU provider has double kernels for all of them.
     """
     exact = packed.dtype == torch.float64
-    with torch.autocast(packed.device.type, enabled=False):
+    device_type = packed.device.type
+    # torch.autocast raises on devices without autocast (meta, where timm checks its configs).
+    no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+                   else contextlib.nullcontext())
+    with no_autocast:
         if rope is not None:
             packed = apply_rope(packed if packed.dtype in (torch.float32, torch.float64) else packed.float(), rope)
         k = packed[:, :, :, 1].double()
@@ -102,8 +108,12 @@ def argsort_rows(scores: Tensor) -> Tensor:
     of the score``, which PyTorch radix-sorts across threads (see docs/performance.md).
     """
     num_tokens = scores.shape[-1]
-    if dispatch.choose_backend('argsort', scores) == 'argsort':
+    backend = dispatch.choose_backend('argsort', scores)
+    if backend == 'argsort':
         return scores.argsort(dim=-1, stable=True)
+    if backend == 'topk':
+        # ONNX has no stable sort; its TopK puts equal scores in index order, as the stable argsort does.
+        return scores.topk(num_tokens, dim=-1, largest=False).indices
     bits = scores.contiguous().view(torch.int32).to(torch.int64)
     # Negative floats order by decreasing magnitude: flipping their magnitude bits makes the signed
     # integers order like the floats; the offset then makes every key non-negative.

@@ -133,6 +133,8 @@ def use_kernels(enabled: bool = True, isa: Optional[str] = None) -> Iterator[Non
 def _traced() -> List[str]:
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return ['TorchScript tracing (FLOP counting, ONNX export) records PyTorch operations']
+    if torch.onnx.is_in_onnx_export():
+        return ['the ONNX export (also torch.export-based, dynamo=True) records PyTorch operations']
     return []
 
 
@@ -183,6 +185,12 @@ def _radix_sort(scores: torch.Tensor) -> List[str]:
     if scores.shape[-1] < RADIX_SORT_MIN_TOKENS:
         reasons.append(f'fewer than {RADIX_SORT_MIN_TOKENS} tokens per head')
     return reasons
+
+
+def _onnx_topk(scores: torch.Tensor) -> List[str]:
+    if not torch.onnx.is_in_onnx_export():
+        return ['not an ONNX export (ONNX has no stable sort; TopK ranks the tokens there)']
+    return []
 
 
 def _gelu_depthwise_kernel(x: torch.Tensor, weight: torch.Tensor) -> List[str]:
@@ -236,14 +244,14 @@ def _fold_batch_norm(norm: torch.nn.Module) -> List[str]:
 def _joined_value_grad() -> List[str]:
     if torch.compiler.is_compiling():
         return ['torch.compile cannot trace an autograd function that returns its input']
-    return []
+    return _traced()
 
 
 def _recompute_ffn() -> List[str]:
     if torch.compiler.is_compiling():
         return ['under torch.compile the partitioner chooses what to recompute (the hand-written backward '
                 'calls torch.autograd.grad, which dynamo does not trace)']
-    return []
+    return _traced()
 
 
 def _regroup_weight(x: torch.Tensor) -> List[str]:
@@ -261,7 +269,7 @@ def _always(*args, **kwargs) -> List[str]:
 BACKENDS: Dict[str, Dict[str, Callable[..., List[str]]]] = {
     'cluster_attention': {'kernel': _attention_kernel, 'chunked': _attention_chunked, 'fused': _always},
     'ranking': {'kernel': _ranking_kernel, 'torch': _always},
-    'argsort': {'radix': _radix_sort, 'argsort': _always},
+    'argsort': {'radix': _radix_sort, 'topk': _onnx_topk, 'argsort': _always},
     'depthwise': {'kernel': _depthwise_kernel, 'torch': _always},
     'gelu_depthwise': {'kernel': _gelu_depthwise_kernel, 'torch': _always},
     'depthwise_backward': {'flipped_conv': _depthwise_backward, 'autograd': _always},

@@ -16,6 +16,8 @@ RECOMPUTE_MODES = ('none', 'activation', 'all')
 
 def autocast_state(device_type: str) -> dict:
     """Keyword arguments of ``torch.autocast`` that re-enter the current autocast state of ``device_type``."""
+    if not torch.amp.is_autocast_available(device_type):  # the meta device: no autocast state to re-enter
+        return dict(device_type='cpu', enabled=False)
     return dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
                 dtype=torch.get_autocast_dtype(device_type))
 

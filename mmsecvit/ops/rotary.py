@@ -38,7 +38,8 @@ class RotaryTables:
 
         def rotations(length):  # (length, 2, head_dim // 2): cosines, signed sines, per channel
             theta = torch.arange(length, device=angle.device, dtype=angle.dtype)[:, None] * half
-            cos = theta.cos().repeat_interleave(2, dim=-1)
+            # Not repeat_interleave: the TorchScript ONNX exporter then gets the ranks of later ops on theta wrong.
+            cos = torch.stack([theta.cos(), theta.cos()], dim=-1).flatten(-2)
             sin = torch.stack([-theta.sin(), theta.sin()], dim=-1).flatten(-2)
             return torch.stack([cos, sin], dim=1)
 

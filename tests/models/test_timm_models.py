@@ -100,10 +100,47 @@ def test_classifier_interface():
         assert model(x).shape == (2, 10) and model.num_classes == 10
         model.reset_classifier(0)
         torch.testing.assert_close(model(x), pooled)
-    with pytest.raises(ValueError, match='always average-pools'):
+    with pytest.raises(ValueError, match="global_pool='max' is not supported"):
         model.reset_classifier(10, global_pool='max')
     model.set_grad_checkpointing()
     assert all(stage.with_cp for stage in model.backbone.stages)
+
+
+def test_unpooled_head_keeps_maps_and_classifies_every_position():
+    model = timm.create_model('secvit_tiny', num_classes=10, global_pool='').eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
+        logits = model(x)
+        assert pre_logits.shape == (2, 1024, 2, 3) and logits.shape == (2, 10, 2, 3)
+        torch.testing.assert_close(logits.mean((2, 3)), model.get_classifier()(pre_logits.mean((2, 3))))
+        model.reset_classifier(0, 'avg')
+        torch.testing.assert_close(model(x), pre_logits.mean((2, 3)))
+
+
+def test_device_and_dtype_arguments_and_the_meta_device():
+    model = timm.create_model('secvit_tiny', device='meta', dtype=torch.float64)
+    tensors = dict(model.named_parameters(), **dict(model.named_buffers()))
+    assert all(t.is_meta for t in tensors.values())
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float64}
+    with torch.device('meta'):
+        model = SecViTClassifier('tiny')
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def test_pruned_model_ends_at_the_taken_stage():
+    model = timm.create_model('secvit_tiny', num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tap = model.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+        final, intermediates = model.forward_intermediates(x, indices=[1], norm=True, stop_early=True)
+        assert torch.equal(final, tap) and torch.equal(intermediates[0], tap)
+        assert model.prune_intermediate_layers([-3]) == [1]
+        assert model.num_classes == 0 and model.num_features == model.head_hidden_size == 128
+        assert model.backbone.out_channels == (64, 128) and not model.head.training
+        torch.testing.assert_close(model(x), tap)
+        model.reset_classifier(7, 'avg')
+        torch.testing.assert_close(model(x), model.get_classifier()(tap.mean((2, 3))))
 
 
 def test_converted_and_official_checkpoints_give_official_logits(tmp_path):
