@@ -4,7 +4,8 @@ The compiled kernels do the forward, with or without GELU, in one pass, and the 
 weight and bias gradients, and GELU's) in another. Without them, on the CPU, the input gradient is the
 same convolution with the kernel flipped and the weight gradient comes from 3x3 weight gradients of
 shifted windows of the padded input, both faster there than PyTorch's own depthwise backward (see
-docs/performance.md).
+docs/performance.md). In half precision on the CPU, or under CPU autocast, they run in float32 on float32
+copies where PyTorch's half-precision convolution is slower (dispatch's 'depthwise_precision').
 """
 from typing import Optional, Tuple
 
@@ -61,9 +62,11 @@ def _same_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 class _DepthwiseConv(torch.autograd.Function):
     """Stride-1 "same" depthwise convolution of a channels-last NCHW ``x`` or, with ``gelu`` (kernel only), of
     ``gelu(x)``, whose output is then never stored. The backward is the kernel's where it applies, else a
-    flipped-kernel convolution for the input gradient and :func:`depthwise_weight_grad`."""
+    flipped-kernel convolution for the input gradient and :func:`depthwise_weight_grad`. The dispatch takes it
+    with CPU autocast off only; the backward keeps autocast off wherever it is called."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type='cpu')
     def forward(ctx, x, weight, bias, gelu=False):
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.gelu = bias is not None, gelu
@@ -72,6 +75,7 @@ class _DepthwiseConv(torch.autograd.Function):
         return _same_conv(x, weight, bias)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type='cpu')
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         needed = ctx.needs_input_grad
@@ -108,28 +112,66 @@ def _add_identity(weight: Tensor) -> Tensor:
     return weight + identity
 
 
-def _conv_weight(conv: nn.Conv2d, residual: bool) -> Tensor:
-    """The convolution's weight, plus the identity with ``residual`` (see :func:`_add_identity`)."""
-    return _add_identity(conv.weight) if residual else conv.weight
+def _conv_weight(conv: nn.Conv2d, residual: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The convolution's weight (cast to ``dtype`` if given), plus the identity with ``residual`` (see
+    :func:`_add_identity`)."""
+    weight = conv.weight if dtype is None else conv.weight.to(dtype)
+    return _add_identity(weight) if residual else weight
 
 
 def _records_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _float32(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    return None if tensor is None else tensor.float()
+
+
+def _result_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of ``F.conv2d``'s output for the input ``x``: CPU autocast's where it is on, else ``x``'s."""
+    return torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else x.dtype
+
+
+def _runs_in_float32(conv: nn.Conv2d, x: Tensor, backward: bool) -> bool:
+    """Whether ``conv`` of the NCHW ``x``, a stride-1 "same" depthwise convolution, runs in float32 (see
+    dispatch's 'depthwise_precision'); ``backward``: whether its gradients are computed too."""
+    return (_is_same_depthwise(conv)
+            and dispatch.choose_backend('depthwise_precision', x, conv.weight, backward) == 'float32')
+
+
+def _in_float32(function, conv: nn.Conv2d, x: Tensor, residual: bool, *args) -> Tensor:
+    """``function(x, weight, bias, *args)`` with CPU autocast off on float32 copies of ``x`` and of ``conv``'s
+    parameters (the identity added in float32 with ``residual``), its output cast to the dtype of a plain
+    convolution of ``x`` (see :func:`_result_dtype`)."""
+    dtype = _result_dtype(x)
+    with torch.autocast('cpu', enabled=False):
+        weight = _conv_weight(conv, residual, torch.float32)
+        return function(x.float(), weight, _float32(conv.bias), *args).to(dtype)
+
+
+def _same_depthwise(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Stride-1 "same" depthwise convolution of a channels-last NCHW ``x``, through :class:`_DepthwiseConv`
+    where a gradient is recorded and its backward applies."""
+    if not _records_grad(x, weight, bias):
+        return _same_conv(x, weight, bias)
+    if dispatch.choose_backend('depthwise_backward', x, weight) == 'flipped_conv':
+        return _DepthwiseConv.apply(x, weight, bias)
+    return F.conv2d(x, weight, bias, 1, weight.shape[-1] // 2, 1, weight.shape[0])
+
+
 def depthwise_nhwc(conv: nn.Conv2d, x: Tensor, residual: bool = False) -> Tensor:
     """Apply a depthwise ``nn.Conv2d`` to a (B, H, W, C) tensor through its channels-last NCHW view; returns
-    (B, H, W, C). With ``residual``, returns ``x + conv(x)`` as one convolution."""
-    weight = _conv_weight(conv, residual)
+    (B, H, W, C). With ``residual``, returns ``x + conv(x)`` as one convolution. A stride-1 "same" convolution
+    in half precision on the CPU, or under CPU autocast, may run in float32 (see dispatch's
+    'depthwise_precision'); it returns the dtype ``F.conv2d`` would."""
     x = x.permute(0, 3, 1, 2)
     if not _is_same_depthwise(conv):
-        out = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    elif not _records_grad(x, weight, conv.bias):
-        out = _same_conv(x, weight, conv.bias)
-    elif dispatch.choose_backend('depthwise_backward', x, weight) == 'flipped_conv':
-        out = _DepthwiseConv.apply(x, weight, conv.bias)
+        out = F.conv2d(x, _conv_weight(conv, residual), conv.bias, conv.stride, conv.padding, conv.dilation,
+                       conv.groups)
+    elif _runs_in_float32(conv, x, _records_grad(x, conv.weight, conv.bias)):
+        out = _in_float32(_same_depthwise, conv, x, residual)
     else:
-        out = F.conv2d(x, weight, conv.bias, 1, conv.padding, 1, conv.groups)
+        out = _same_depthwise(x, _conv_weight(conv, residual), conv.bias)
     return out.permute(0, 2, 3, 1)
 
 
@@ -137,20 +179,53 @@ def _gelu_kernel_applies(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> bool:
     return _is_same_depthwise(conv) and dispatch.choose_backend('gelu_depthwise', x, weight) == 'kernel'
 
 
+def _gelu_same_depthwise(x: Tensor, weight: Tensor, bias: Optional[Tensor], inplace: bool) -> Tensor:
+    """:func:`_same_depthwise` of ``gelu(x)`` for a (B, H, W, C) ``x``, returning (B, H, W, C): one pass where the
+    kernel applies, else GELU first (in place with ``inplace``)."""
+    nchw = x.permute(0, 3, 1, 2)
+    if dispatch.choose_backend('gelu_depthwise', nchw, weight) == 'kernel':
+        if _records_grad(x, weight, bias):
+            return _DepthwiseConv.apply(nchw, weight, bias, True).permute(0, 2, 3, 1)
+        return compiled.depthwise_forward(x, weight, bias, True)
+    # GELU before the permutation: on the NCHW view it is slower.
+    activated = torch.ops.aten.gelu_(x) if inplace else F.gelu(x)
+    return _same_depthwise(activated.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
+
+
 def gelu_depthwise_nhwc(conv: nn.Conv2d, x: Tensor, residual: bool = False, inplace: bool = False) -> Tensor:
     """``depthwise_nhwc(conv, gelu(x), residual)``.
 
     With the kernel, GELU and the convolution are one pass over memory and GELU's output is never stored
     (in training only ``x`` is kept). Elsewhere GELU runs first, in place when ``inplace`` (``x`` is then
-    overwritten).
+    overwritten). Where :func:`depthwise_nhwc` runs in float32, GELU does too.
     """
-    weight = _conv_weight(conv, residual)
-    nchw = x.permute(0, 3, 1, 2)
-    if not _gelu_kernel_applies(conv, nchw, weight):
+    if not _is_same_depthwise(conv):
         return depthwise_nhwc(conv, torch.ops.aten.gelu_(x) if inplace else F.gelu(x), residual)
-    if _records_grad(x, weight, conv.bias):
-        return _DepthwiseConv.apply(nchw, weight, conv.bias, True).permute(0, 2, 3, 1)
-    return compiled.depthwise_forward(x, weight, conv.bias, True)
+    if _runs_in_float32(conv, x.permute(0, 3, 1, 2), _records_grad(x, conv.weight, conv.bias)):
+        return _in_float32(_gelu_same_depthwise, conv, x, residual, inplace)
+    return _gelu_same_depthwise(x, _conv_weight(conv, residual), conv.bias, inplace)
+
+
+def _gelu_kernel_grads(conv: nn.Conv2d, x: Tensor, grad: Tensor, weight: Tensor,
+                       bias: Optional[Tensor]) -> Optional[tuple]:
+    """:func:`gelu_depthwise_grads`' results from the one-pass kernel, or None where it does not apply."""
+    if not _gelu_kernel_applies(conv, x.permute(0, 3, 1, 2), weight) or grad.dtype != torch.float32:
+        return None
+    grad_x, grad_weight, grad_bias, grad_sum, out = compiled.depthwise_backward(
+        x.contiguous(), grad.contiguous(), weight.detach(), True, True, bias, True)
+    return grad_x, grad_weight, grad_bias if bias is not None else None, grad_sum, out
+
+
+def _gelu_autograd_grads(conv: nn.Conv2d, x: Tensor, grad: Tensor, residual: bool) -> tuple:
+    """:func:`gelu_depthwise_grads`' results from autograd through :func:`gelu_depthwise_nhwc`."""
+    params = [p for p in (conv.weight, conv.bias) if p is not None and p.requires_grad]
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        out = gelu_depthwise_nhwc(conv, x, residual)
+    grad_x, *param_grads = torch.autograd.grad(out, [x] + params, grad.to(out.dtype))
+    by_param = dict(zip(map(id, params), param_grads))
+    bias_grad = None if conv.bias is None else by_param.get(id(conv.bias))
+    return grad_x, by_param.get(id(conv.weight)), bias_grad, grad_x.sum((0, 1, 2)), out.detach()
 
 
 def gelu_depthwise_grads(conv: nn.Conv2d, x: Tensor, grad: Tensor,
@@ -161,21 +236,24 @@ def gelu_depthwise_grads(conv: nn.Conv2d, x: Tensor, grad: Tensor,
     Returns:
         tuple: (input gradient, weight gradient, bias gradient or None, channel sums of the input gradient,
         out). The channel sums are the bias gradient of a linear layer that produced ``x``. Without the
-        kernel the weight and bias gradients are None where those parameters need none.
+        kernel the weight and bias gradients are None where those parameters need none. Where the convolution
+        runs in float32 (see :func:`depthwise_nhwc`), the results are cast to the dtypes of ``x``, of the
+        parameters (weight, bias and channel sums) and of the plain convolution's output.
     """
-    weight = _conv_weight(conv, residual)
-    if _gelu_kernel_applies(conv, x.permute(0, 3, 1, 2), weight) and grad.dtype == torch.float32:
-        grad_x, grad_weight, grad_bias, grad_sum, out = compiled.depthwise_backward(
-            x.contiguous(), grad.contiguous(), weight.detach(), True, True, conv.bias, True)
-        return grad_x, grad_weight, grad_bias if conv.bias is not None else None, grad_sum, out
-    params = [p for p in (conv.weight, conv.bias) if p is not None and p.requires_grad]
-    with torch.enable_grad():
-        x = x.detach().requires_grad_()
-        out = gelu_depthwise_nhwc(conv, x, residual)
-    grad_x, *param_grads = torch.autograd.grad(out, [x] + params, grad.to(out.dtype))
-    by_param = dict(zip(map(id, params), param_grads))
-    bias_grad = None if conv.bias is None else by_param.get(id(conv.bias))
-    return grad_x, by_param.get(id(conv.weight)), bias_grad, grad_x.sum((0, 1, 2)), out.detach()
+    upcast = _runs_in_float32(conv, x.permute(0, 3, 1, 2), True)
+    if upcast:
+        with torch.autocast('cpu', enabled=False):
+            weight = _conv_weight(conv, residual, torch.float32)
+            results = _gelu_kernel_grads(conv, x.float(), grad.float(), weight, _float32(conv.bias))
+    else:
+        results = _gelu_kernel_grads(conv, x, grad, _conv_weight(conv, residual), conv.bias)
+    if results is None:
+        results = _gelu_autograd_grads(conv, x, grad, residual)
+    if not upcast:
+        return results
+    bias_dtype = None if conv.bias is None else conv.bias.dtype
+    dtypes = (x.dtype, conv.weight.dtype, bias_dtype, conv.weight.dtype, _result_dtype(x))
+    return tuple(None if t is None else t.to(dtype) for t, dtype in zip(results, dtypes))
 
 
 class DepthwiseConvNHWC(nn.Conv2d):

@@ -32,6 +32,8 @@ RADIX_SORT_MIN_TOKENS = 4096  # from this many tokens per head, rankings sort in
 POINTWISE_CONV_MIN_TOKENS = 1024  # from this many positions, 1x1 projections run as oneDNN convolutions
 KERNEL_DEPTHWISE_SIZES = (3, 5)
 KERNEL_MAX_VALUES_5X5 = 2 ** 19  # larger maps take oneDNN's 5x5 depthwise convolution
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # CPU depthwise convolutions in these may run in float32
+ONEDNN_HALF_BACKWARD_MAX_KERNEL = 3  # oneDNN's half-precision depthwise backward is slow for larger kernels
 
 
 def _parse_setting(value: str) -> Optional[str]:
@@ -66,6 +68,9 @@ def _load(isa: str):
 
 # Probed once at import, so that the choices below are plain lookups (traceable by torch.compile).
 _CPU_ISAS = _cpu_isas()
+# Whether oneDNN convolves each half-precision dtype on this CPU (else PyTorch's far slower fallback does).
+_ONEDNN_HALF = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported()}
 _modules: Dict[str, object] = {isa: _load(isa) for isa in KERNEL_ISAS}  # module, or why it cannot run
 _AVAILABLE_ISAS = tuple(isa for isa in KERNEL_ISAS if not isinstance(_modules[isa], str))
 # kernel_isa() for each setting: the best available build at or below the allowed one.
@@ -219,6 +224,29 @@ def _depthwise_backward(x: torch.Tensor, weight: torch.Tensor) -> List[str]:
     return reasons
 
 
+def _depthwise_float32(x: torch.Tensor, weight: torch.Tensor, backward: bool = False) -> List[str]:
+    """x: input of a depthwise convolution; backward: whether its gradients are to be computed too."""
+    reasons = []
+    if any(t.device.type != 'cpu' for t in (x, weight)):
+        reasons.append('the tensors are not on the CPU (cuDNN is fast in half precision)')
+    if torch.float64 in (x.dtype, weight.dtype):
+        reasons.append('float64 tensors (which autocast leaves as they are)')
+    # The dtype the convolution would run in.
+    if torch.is_autocast_enabled('cpu'):
+        dtype = torch.get_autocast_dtype('cpu')
+    else:
+        dtype = x.dtype if x.dtype in HALF_DTYPES else weight.dtype
+    kernel_size, name = weight.shape[-1], str(dtype).replace('torch.', '')
+    if dtype not in HALF_DTYPES:
+        reasons.append('no bfloat16 or float16 tensors and no CPU autocast to them')
+    elif _ONEDNN_HALF[dtype] and not backward:
+        reasons.append(f'oneDNN convolves {name} on this CPU, faster than float32 and the casts')
+    elif _ONEDNN_HALF[dtype] and kernel_size <= ONEDNN_HALF_BACKWARD_MAX_KERNEL:
+        reasons.append(f'oneDNN convolves {name} on this CPU and its {kernel_size}x{kernel_size} backward is as '
+                       'fast as float32 and the casts')
+    return reasons
+
+
 def _pointwise_conv(x: torch.Tensor) -> List[str]:
     reasons = _cpu_float32(x)
     if x.shape[1] * x.shape[2] < POINTWISE_CONV_MIN_TOKENS:
@@ -273,6 +301,7 @@ BACKENDS: Dict[str, Dict[str, Callable[..., List[str]]]] = {
     'depthwise': {'kernel': _depthwise_kernel, 'torch': _always},
     'gelu_depthwise': {'kernel': _gelu_depthwise_kernel, 'torch': _always},
     'depthwise_backward': {'flipped_conv': _depthwise_backward, 'autograd': _always},
+    'depthwise_precision': {'float32': _depthwise_float32, 'native': _always},
     'linear': {'conv1x1': _pointwise_conv, 'linear': _always},
     'norm_linear': {'recompute_norm': _recompute_norm, 'plain': _always},
     'conv_norm': {'folded': _fold_batch_norm, 'plain': _always},

@@ -1,5 +1,6 @@
 """Depthwise convolution on (B, H, W, C) maps, alone and of GELU's output: the kernels' forward and one-pass
-backward, the PyTorch paths' backward, and the dispatch between them, against float64 references."""
+backward, the PyTorch paths' backward, and the dispatch between them (also in half precision, upcast to float32
+where that is faster), against float64 references."""
 import pytest
 import torch
 import torch.nn as nn
@@ -198,3 +199,150 @@ def test_depthwise_falls_back_outside_its_case():
     assert out.shape == (1, 4, 4, 4) and 'DepthwiseConv' not in type(out.grad_fn.next_functions[0][0]).__name__
     with torch.no_grad():
         torch.testing.assert_close(depthwise_nhwc(strided, x), strided(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=[False, True], ids=['no-onednn-half', 'onednn-half'])
+def onednn_half(request, monkeypatch):
+    """Dispatch as on a CPU where oneDNN has no half-precision convolutions, then as on one where it has."""
+    for dtype in HALF_DTYPES:
+        monkeypatch.setitem(dispatch._ONEDNN_HALF, dtype, request.param)
+    return request.param
+
+
+def assert_rounded(got, want, dtype):
+    """``got`` is in ``dtype`` and within its rounding of the float64 ``want``, up to float32 error."""
+    assert got.dtype == dtype, (got.dtype, dtype)
+    scale = max(want.abs().max().item(), 1e-3)
+    torch.testing.assert_close(got.double(), want, rtol=torch.finfo(dtype).eps, atol=1e-5 * scale)
+
+
+def float64_copy(conv):
+    expected = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                         groups=conv.groups).double()
+    expected.load_state_dict(conv.state_dict())
+    return expected
+
+
+@pytest.mark.parametrize('mode', ['inference', 'train', 'backward_in_autocast'])
+@pytest.mark.parametrize('kernel_size, residual', [(3, True), (5, False)])
+@pytest.mark.parametrize('dtype', HALF_DTYPES, ids=['bfloat16', 'float16'])
+def test_autocast_depthwise_runs_in_float32(backend, onednn_half, dtype, kernel_size, residual, mode):
+    # A float32 model's depthwise conv of a half-precision map (as autocast's linears give) under CPU autocast
+    # returns what F.conv2d does there, in the autocast dtype. In float32 it is float32's result rounded once,
+    # the map's gradient has the map's dtype and the parameters' are float32 and float32-accurate, also with
+    # the backward run inside autocast. Where oneDNN convolves half precision, only the backward of kernels
+    # above 3x3 is upcast, and the rest is F.conv2d's own result.
+    conv = nn.Conv2d(24, 24, kernel_size, padding=kernel_size // 2, groups=24)
+    x = torch.randn(2, 9, 11, 24).to(dtype).requires_grad_(mode != 'inference')
+    grad = torch.randn(2, 9, 11, 24).to(dtype)
+    expected_conv = float64_copy(conv)
+    expected_x = x.detach().double().requires_grad_()
+    expected = reference_depthwise(expected_conv, expected_x, residual)
+    params = [expected_x, expected_conv.weight, expected_conv.bias]
+    expected_grads = torch.autograd.grad(expected, params, grad.double())
+    with torch.set_grad_enabled(mode != 'inference'), torch.autocast('cpu', dtype=dtype):
+        plain = reference_depthwise(conv, x, residual)
+        nchw = x.permute(0, 3, 1, 2)
+        chosen = dispatch.choose_backend('depthwise_precision', nchw, conv.weight, mode != 'inference')
+        reasons = dispatch.why_not('depthwise_precision', nchw, conv.weight, mode != 'inference')
+        out = depthwise_nhwc(conv, x, residual)
+        if mode == 'backward_in_autocast':
+            grads = torch.autograd.grad(out, [x, conv.weight, conv.bias], grad)
+    if mode == 'train':
+        grads = torch.autograd.grad(out, [x, conv.weight, conv.bias], grad)
+    upcast = not onednn_half or (mode != 'inference' and kernel_size > 3)
+    assert chosen == ('float32' if upcast else 'native'), reasons
+    assert out.dtype == plain.dtype == dtype
+    if not upcast:
+        assert 'oneDNN convolves' in reasons['float32'][0]
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+        return
+    assert_rounded(out, expected, dtype)
+    if mode == 'inference':
+        return
+    assert_rounded(grads[0], expected_grads[0], dtype)
+    for got, want in zip(grads[1:], expected_grads[1:]):
+        assert got.dtype == torch.float32
+        assert_float32_close(got, want, terms=2 * 9 * 11)
+
+
+@pytest.mark.parametrize('kernel_size, residual', [(3, True), (5, False)])
+@pytest.mark.parametrize('dtype', HALF_DTYPES, ids=['bfloat16', 'float16'])
+def test_half_model_depthwise_runs_in_float32(backend, onednn_half, dtype, kernel_size, residual):
+    # A model held in half precision, without autocast: output and every gradient in its dtype, each float32's
+    # result rounded once where upcast; F.conv2d's own where oneDNN convolves half precision (3x3).
+    conv = nn.Conv2d(24, 24, kernel_size, padding=kernel_size // 2, groups=24).to(dtype)
+    x = torch.randn(2, 9, 11, 24).to(dtype).requires_grad_()
+    grad = torch.randn(2, 9, 11, 24).to(dtype)
+    expected_conv = float64_copy(conv)
+    expected_x = x.detach().double().requires_grad_()
+    expected = reference_depthwise(expected_conv, expected_x, residual)
+    params = [expected_x, expected_conv.weight, expected_conv.bias]
+    expected_grads = torch.autograd.grad(expected, params, grad.double())
+    out = depthwise_nhwc(conv, x, residual)
+    grads = torch.autograd.grad(out, [x, conv.weight, conv.bias], grad)
+    chosen = dispatch.choose_backend('depthwise_precision', x.permute(0, 3, 1, 2), conv.weight, True)
+    if onednn_half and kernel_size == 3:
+        assert chosen == 'native'
+        plain = reference_depthwise(conv, x, residual)
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+        for got, want in zip(grads, torch.autograd.grad(plain, [x, conv.weight, conv.bias], grad)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        return
+    assert chosen == 'float32'
+    assert_rounded(out, expected, dtype)
+    for got, want in zip(grads, expected_grads):
+        assert_rounded(got, want, dtype)
+
+
+@pytest.mark.parametrize('dtype', HALF_DTYPES, ids=['bfloat16', 'float16'])
+def test_autocast_gelu_depthwise_and_its_grads(backend, onednn_half, dtype):
+    # The FFN's GELU + residual 3x3 under autocast, with autograd and as gradients without autograd state (the
+    # FFN recomputation's): the dtypes of the plain path (the map's and its gradient's the autocast dtype, the
+    # parameters' gradients float32) and, where upcast, GELU and the conv in float32.
+    conv = nn.Conv2d(40, 40, 3, padding=1, groups=40)
+    x = (2 * torch.randn(2, 9, 13, 40)).to(dtype)
+    grad = torch.randn(2, 9, 13, 40).to(dtype)
+    expected_conv = float64_copy(conv)
+    expected_x = x.double().requires_grad_()
+    expected = reference_depthwise(expected_conv, F.gelu(expected_x), True)
+    params = [expected_x, expected_conv.weight, expected_conv.bias]
+    expected_grads = torch.autograd.grad(expected, params, grad.double())
+    with torch.autocast('cpu', dtype=dtype):
+        results = gelu_depthwise_grads(conv, x, grad, residual=True)
+        auto_x = x.clone().requires_grad_()
+        out = gelu_depthwise_nhwc(conv, auto_x, True)
+    grads = torch.autograd.grad(out, [auto_x, conv.weight, conv.bias], grad)
+    positions = 2 * 9 * 13
+    assert [t.dtype for t in grads] == [dtype, torch.float32, torch.float32] and out.dtype == dtype
+    assert [t.dtype for t in results[:3]] + [results[4].dtype] == [dtype, torch.float32, torch.float32, dtype]
+    if onednn_half:  # 3x3: the half-precision path
+        return
+    assert results[3].dtype == torch.float32  # the channel sums, in the parameters' dtype
+    for got in (out, results[4]):
+        assert_rounded(got, expected, dtype)
+    for got_x, got_weight, got_bias in (grads, results[:3]):
+        assert_rounded(got_x, expected_grads[0], dtype)
+        assert_float32_close(got_weight, expected_grads[1], terms=positions)
+        assert_float32_close(got_bias, expected_grads[2], terms=positions)
+    # Float32 sums of the input gradient (without the kernel, of its rounded values).
+    expected_sums = expected_grads[0].sum((0, 1, 2))
+    torch.testing.assert_close(results[3].double(), expected_sums, atol=1e-5 * expected_sums.abs().max().item(),
+                               rtol=torch.finfo(dtype).eps * positions ** 0.5)
+
+
+def test_depthwise_precision_says_why_not_float32():
+    weight = torch.randn(8, 1, 5, 5)
+    x = torch.randn(1, 8, 6, 6)
+    assert dispatch.choose_backend('depthwise_precision', x, weight, True) == 'native'
+    assert 'no bfloat16 or float16' in dispatch.why_not('depthwise_precision', x, weight, True)['float32'][0]
+    assert dispatch.choose_backend('depthwise_precision', x.bfloat16(), weight, True) == 'float32'
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert dispatch.choose_backend('depthwise_precision', x, weight, True) == 'float32'
+        assert 'float64' in dispatch.why_not('depthwise_precision', x.double(), weight.double(), True)['float32'][0]
+        # Only CPU tensors: cuDNN convolves half precision fast (meta tensors stand in for CUDA's here).
+        meta = dispatch.why_not('depthwise_precision', x.to('meta'), weight.to('meta'), True)['float32']
+        assert 'not on the CPU' in meta[0]
