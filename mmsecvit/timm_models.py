@@ -12,9 +12,13 @@ the official parameter counts. No weights are hosted; load a local file, officia
                       pretrained_cfg_overlay=dict(file='path/to/secvit_s_official.pth'))
     timm.create_model('secvit_small', checkpoint_path='path/to/converted_with_head.pth')
 """
+from collections import OrderedDict
+from typing import Any, Dict
+
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor
 
 from .models.classifier import SecViTClassifier, to_classifier_state_dict
 from .models.secvit import SecViTBlock
@@ -31,7 +35,7 @@ register_notrace_module(ConvNormAct)
 register_notrace_function(rope_tables)
 
 
-def checkpoint_filter_fn(state_dict, model):
+def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: SecViTClassifier) -> OrderedDict[str, Tensor]:
     """Accept official SecViT weights (and our converted layouts) when timm loads a pretrained file."""
     return to_classifier_state_dict(state_dict)
 
@@ -62,24 +66,24 @@ default_cfgs = generate_default_cfgs({
 
 
 @register_model
-def secvit_tiny(pretrained=False, **kwargs) -> SecViTClassifier:
+def secvit_tiny(pretrained: bool = False, **kwargs: Any) -> SecViTClassifier:
     """SecViT-T: 14,981,800 parameters, 82.6% ImageNet top-1 in the paper."""
     return _create_secvit('secvit_tiny', 'tiny', pretrained, **kwargs)
 
 
 @register_model
-def secvit_small(pretrained=False, **kwargs) -> SecViTClassifier:
+def secvit_small(pretrained: bool = False, **kwargs: Any) -> SecViTClassifier:
     """SecViT-S: 26,776,104 parameters, 84.2% ImageNet top-1 in the paper."""
     return _create_secvit('secvit_small', 'small', pretrained, **kwargs)
 
 
 @register_model
-def secvit_base(pretrained=False, **kwargs) -> SecViTClassifier:
+def secvit_base(pretrained: bool = False, **kwargs: Any) -> SecViTClassifier:
     """SecViT-B: 54,682,776 parameters, 85.0% ImageNet top-1 in the paper."""
     return _create_secvit('secvit_base', 'base', pretrained, **kwargs)
 
 
 @register_model
-def secvit_large(pretrained=False, **kwargs) -> SecViTClassifier:
+def secvit_large(pretrained: bool = False, **kwargs: Any) -> SecViTClassifier:
     """SecViT-L: 96,495,096 parameters, 85.6% ImageNet top-1 in the paper."""
     return _create_secvit('secvit_large', 'large', pretrained, **kwargs)

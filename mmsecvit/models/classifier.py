@@ -5,8 +5,11 @@
 registrations in :mod:`mmsecvit.timm_models` build exactly this class.
 """
 from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
+from torch import Tensor
 
 from .checkpoint_utils import CLASSIFIER_HEAD_PREFIX, convert_official_state_dict, is_official_layout
 from .secvit import SecViT, resolve_arch
@@ -27,7 +30,8 @@ class SecViTClassifierHead(nn.Module):
         global_pool (str): 'avg', or '' for no pooling: features and logits stay (B, C, H, W) maps.
     """
 
-    def __init__(self, in_dims, num_classes=1000, head_dims=1024, drop_rate=0.0, global_pool='avg'):
+    def __init__(self, in_dims: int, num_classes: int = 1000, head_dims: int = 1024, drop_rate: float = 0.0,
+                 global_pool: str = 'avg'):
         super().__init__()
         self.hidden_size = head_dims or in_dims
         self.proj = nn.Conv2d(in_dims, head_dims, 1) if head_dims else None
@@ -36,7 +40,7 @@ class SecViTClassifierHead(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.reset(num_classes, global_pool)
 
-    def reset(self, num_classes, global_pool=None):
+    def reset(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """New classifier for ``num_classes`` (0: none); ``global_pool`` None keeps the pooling."""
         if global_pool is not None:
             if global_pool not in GLOBAL_POOLS:
@@ -45,14 +49,14 @@ class SecViTClassifierHead(nn.Module):
             self.global_pool = global_pool
         self.fc = build_classifier(self.hidden_size, num_classes)
 
-    def pre_logits(self, x):
+    def pre_logits(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) last-stage map. Returns the pooled (B, hidden_size) features, or without pooling
         the (B, hidden_size, H, W) map."""
         if self.proj is not None:
             x = self.act(self.norm(self.proj(x)))
         return x.mean(dim=(2, 3)) if self.global_pool else x
 
-    def forward(self, x, pre_logits=False):
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.pre_logits(x)
         if pre_logits:
             return x
@@ -62,12 +66,12 @@ class SecViTClassifierHead(nn.Module):
         return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # unpooled: logits at every position
 
 
-def build_classifier(in_features, num_classes):
+def build_classifier(in_features: int, num_classes: int) -> nn.Module:
     """Linear layer to ``num_classes``, or identity for ``num_classes == 0``."""
     return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
-def resolve_feature_indices(num_stages, indices):
+def resolve_feature_indices(num_stages: int, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
     """Stage indices to return, in timm's convention.
 
     Args:
@@ -108,8 +112,10 @@ class SecViTClassifier(nn.Module):
         **backbone_kwargs: Other :class:`SecViT` arguments (clusters, drop path, ``with_cp``...).
     """
 
-    def __init__(self, arch='small', num_classes=1000, global_pool='avg', in_chans=3, head_dims=1024, drop_rate=0.0,
-                 device=None, dtype=None, **backbone_kwargs):
+    def __init__(self, arch: Union[str, dict] = 'small', num_classes: int = 1000, global_pool: str = 'avg',
+                 in_chans: int = 3, head_dims: int = 1024, drop_rate: float = 0.0,
+                 device: Optional[Union[torch.device, str]] = None, dtype: Optional[torch.dtype] = None,
+                 **backbone_kwargs: Any):
         super().__init__()
         if in_chans != 3:
             raise ValueError(f'SecViT takes RGB input (in_chans=3), got in_chans={in_chans}')
@@ -126,22 +132,22 @@ class SecViTClassifier(nn.Module):
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
-    def forward_features(self, x):
+    def forward_features(self, x: Tensor) -> Tensor:
         """x: (B, 3, H, W). Returns the last stage's (B, C, H / 32, W / 32) map."""
         return self.backbone(x)[-1]
 
-    def forward_head(self, x, pre_logits=False):
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Pool the last-stage map and classify; ``pre_logits`` returns the pooled (B, head_hidden_size) features
         (with ``global_pool=''`` both stay (B, C, H, W) maps)."""
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def get_classifier(self):
+    def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes, global_pool=None):
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier by a new one for ``num_classes`` (0: none), on the model's device and dtype.
 
         Args:
@@ -153,13 +159,14 @@ class SecViTClassifier(nn.Module):
         self.head.fc.to(device=reference.device, dtype=reference.dtype).train(self.head.training)
         self.num_classes = num_classes
 
-    def set_grad_checkpointing(self, enable=True):
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing of every block (the backbone's ``with_cp``)."""
         for stage in self.backbone.stages:
             stage.with_cp = enable
 
-    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt='NCHW',
-                              intermediates_only=False):
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """Stage outputs (timm's feature extraction interface).
 
         Args:
@@ -183,7 +190,8 @@ class SecViTClassifier(nn.Module):
             return intermediates
         return (stages[max(take_indices)] if stop_early else stages[-1]), intermediates
 
-    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+    def prune_intermediate_layers(self, indices: Optional[Union[int, Sequence[int]]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
         """Drop the stages after the last one in ``indices`` (and its downsampling) and the head.
 
         ``forward_features`` then ends at that stage; with ``prune_head`` the head is replaced by one without
@@ -211,7 +219,7 @@ class SecViTClassifier(nn.Module):
         return take_indices
 
 
-def to_classifier_state_dict(state_dict):
+def to_classifier_state_dict(state_dict: Dict[str, Tensor]) -> OrderedDict[str, Tensor]:
     """Weights in the :class:`SecViTClassifier` (and timm model) layout.
 
     Args:

@@ -4,6 +4,8 @@ Inside a stage the feature map travels as a contiguous (B, H, W, C) tensor: Laye
 projections work on its last dim, and the depthwise convolutions see it as a channels-last NCHW view.
 The layers' fast implementations are in :mod:`mmsecvit.ops`.
 """
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
@@ -11,6 +13,7 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import (
@@ -19,6 +22,7 @@ from ..ops import (
     DepthwiseConvNHWC,
     LinearNHWC,
     PackedQKV,
+    RotaryTables,
     cluster_assignment,
     cluster_length,
     residual_add,
@@ -47,7 +51,7 @@ OFFICIAL_NUM_CLUSTERS = (32, 8, 2, -1)
 MIN_INPUT_SIZE = 32
 
 
-def resolve_arch(arch):
+def resolve_arch(arch: Union[str, dict]) -> dict:
     """Turn an arch name, alias or dict into a complete settings dict.
 
     A dict needs ``embed_dims``, ``depths`` and ``num_heads`` (one entry per stage) and may set
@@ -76,7 +80,7 @@ def resolve_arch(arch):
     return settings
 
 
-def per_stage(value, num_stages, name):
+def per_stage(value: Union[int, Sequence[Any]], num_stages: int, name: str) -> Tuple[Any, ...]:
     """Broadcast an int to every stage, or check that a sequence has one entry per stage."""
     if isinstance(value, int):
         return (value,) * num_stages
@@ -86,7 +90,7 @@ def per_stage(value, num_stages, name):
     return value
 
 
-def resolve_recompute_ffn(value, num_stages):
+def resolve_recompute_ffn(value: Union[bool, str, Sequence[str]], num_stages: int) -> Tuple[str, ...]:
     """Per-stage :data:`FFN_RECOMPUTE_MODES` from ``SecViT(recompute_ffn=...)``: True is 'all' in the first
     stage and 'activation' after it, False is 'none', a str applies to every stage."""
     if isinstance(value, bool):
@@ -108,7 +112,7 @@ class SECAttention(nn.Module):
         cluster_size (int): Fixed maximum tokens per cluster; -1 to use ``num_clusters``.
     """
 
-    def __init__(self, embed_dims, num_heads, num_clusters=-1, cluster_size=-1):
+    def __init__(self, embed_dims: int, num_heads: int, num_clusters: int = -1, cluster_size: int = -1):
         super().__init__()
         if embed_dims % num_heads:
             raise ValueError(f'embed_dims {embed_dims} is not divisible by num_heads {num_heads}')
@@ -120,16 +124,16 @@ class SECAttention(nn.Module):
         self.lepe = DepthwiseConvNHWC(embed_dims, 5)
         self.proj = LinearNHWC(embed_dims, embed_dims)
 
-    def cluster_length(self, num_tokens):
+    def cluster_length(self, num_tokens: int) -> int:
         return cluster_length(num_tokens, self.num_clusters, self.cluster_size)
 
-    def cluster_ids(self, x, rope, norm=None):
+    def cluster_ids(self, x: Tensor, rope: RotaryTables, norm: Optional[nn.LayerNorm] = None) -> Tensor:
         """Cluster index of every position per head, shape (B, heads, H, W), for inspection."""
         qkv = self.qkv(x, norm)
         clusters = cluster_assignment(qkv, self.cluster_length(qkv.shape[1]), rope)
         return clusters.unflatten(-1, x.shape[1:3])
 
-    def forward(self, x, rope, norm=None):
+    def forward(self, x: Tensor, rope: RotaryTables, norm: Optional[nn.LayerNorm] = None) -> Tensor:
         """x: (B, H, W, C), normalised first by ``norm`` (the block's pre-norm) if given; rope: the map's
         rotary tables (:func:`rope_tables`), which the attention applies to q and k. Returns (B, H, W, C)."""
         qkv, v = split_values(self.qkv(x, norm))
@@ -152,8 +156,9 @@ class SecViTBlock(nn.Module):
         recompute_ffn (str): What the FFN keeps for backward in training (see :data:`FFN_RECOMPUTE_MODES`).
     """
 
-    def __init__(self, embed_dims, num_heads, mlp_ratio=3.0, num_clusters=-1, cluster_size=-1, drop_path=0.0,
-                 layer_scale_init=None, recompute_ffn='none'):
+    def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float = 3.0, num_clusters: int = -1,
+                 cluster_size: int = -1, drop_path: float = 0.0, layer_scale_init: Optional[float] = None,
+                 recompute_ffn: str = 'none'):
         super().__init__()
         self.cpe = DepthwiseConvNHWC(embed_dims, 3, residual=True)
         self.norm1 = nn.LayerNorm(embed_dims, eps=1e-6)
@@ -167,7 +172,7 @@ class SecViTBlock(nn.Module):
             self.gamma1 = nn.Parameter(torch.full((embed_dims,), float(layer_scale_init)))
             self.gamma2 = nn.Parameter(torch.full((embed_dims,), float(layer_scale_init)))
 
-    def forward(self, x, rope):
+    def forward(self, x: Tensor, rope: RotaryTables) -> Tensor:
         x = self.cpe(x)
         x = residual_add(x, self.attn(x, rope, self.norm1), self.gamma1, self.drop_path, self.training)
         return residual_add(x, self.ffn(x, self.norm2), self.gamma2, self.drop_path, self.training)
@@ -187,8 +192,9 @@ class SecViTStage(BaseModule):
         block_kwargs: Passed to every :class:`SecViTBlock`.
     """
 
-    def __init__(self, embed_dims, depth, num_heads, out_dims, drop_paths, with_cp=False,
-                 norm_cfg=dict(type='BN'), init_cfg=None, **block_kwargs):
+    def __init__(self, embed_dims: int, depth: int, num_heads: int, out_dims: Optional[int],
+                 drop_paths: Sequence[float], with_cp: bool = False, norm_cfg: dict = dict(type='BN'),
+                 init_cfg: Optional[Union[dict, List[dict]]] = None, **block_kwargs: Any):
         super().__init__(init_cfg=init_cfg)
         self.with_cp = with_cp
         self.blocks = nn.ModuleList(
@@ -197,7 +203,7 @@ class SecViTStage(BaseModule):
         self.register_buffer('rope_angle', rope_angles(embed_dims // num_heads), persistent=False)
         self.key_scale = (embed_dims // num_heads) ** -0.5
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """x: (B, H, W, C). Returns the stage output (B, H, W, C) and the downsampled map for the next stage."""
         rope = rope_tables(x.shape[1], x.shape[2], self.rope_angle, self.key_scale)
         for block in self.blocks:
@@ -210,7 +216,7 @@ class SecViTStage(BaseModule):
         return x, self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
 
 
-def build_stem(embed_dims, norm_cfg):
+def build_stem(embed_dims: int, norm_cfg: dict) -> nn.Sequential:
     """Four 3x3 conv + norm layers with strides 2, 1, 1, 2 (GELU after the first three): stride 4 overall."""
     mid = embed_dims // 2
     return nn.Sequential(
@@ -256,20 +262,20 @@ class SecViT(BaseModule):
     """
 
     def __init__(self,
-                 arch='small',
-                 num_clusters=None,
-                 cluster_size=None,
-                 out_indices=(0, 1, 2, 3),
-                 drop_path_rate=None,
-                 layer_scale_init=1e-6,
-                 norm_cfg=dict(type='BN'),
-                 out_norm_cfg=dict(type='LN', eps=1e-6),
-                 frozen_stages=-1,
-                 norm_eval=False,
-                 with_cp=False,
-                 recompute_ffn=True,
-                 pretrained=None,
-                 init_cfg=None):
+                 arch: Union[str, dict] = 'small',
+                 num_clusters: Optional[Union[int, Sequence[int]]] = None,
+                 cluster_size: Optional[Union[int, Sequence[int]]] = None,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 drop_path_rate: Optional[float] = None,
+                 layer_scale_init: float = 1e-6,
+                 norm_cfg: dict = dict(type='BN'),
+                 out_norm_cfg: Optional[dict] = dict(type='LN', eps=1e-6),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 recompute_ffn: Union[bool, str, Sequence[str]] = True,
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[dict] = None):
         if pretrained is not None:
             if init_cfg is not None:
                 raise ValueError('Set either pretrained or init_cfg, not both')
@@ -337,7 +343,7 @@ class SecViT(BaseModule):
         self._freeze_stages()
 
     @property
-    def out_channels(self):
+    def out_channels(self) -> Tuple[int, ...]:
         """Channels of each returned feature map (the outputs come in stage order)."""
         return tuple(self.embed_dims[i] for i in sorted(self.out_indices))
 
@@ -354,7 +360,7 @@ class SecViT(BaseModule):
             for param in module.parameters():
                 param.requires_grad = False
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> 'SecViT':
         """Switch mode, keeping frozen stages (and, with ``norm_eval``, batch norms) in eval mode."""
         super().train(mode)
         self._freeze_stages()
@@ -364,7 +370,7 @@ class SecViT(BaseModule):
                     module.eval()
         return self
 
-    def init_weights(self):
+    def init_weights(self) -> None:
         """Official initialisation (truncated normal, std 0.02), ``init_cfg``'s checkpoint, or other init_cfg.
 
         ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=None, use_ema=False)``: ``use_ema`` picks
@@ -388,7 +394,7 @@ class SecViT(BaseModule):
                 nn.init.zeros_(module.bias)
         self._is_init = True
 
-    def check_input(self, x):
+    def check_input(self, x: Union[Tensor, torch.fx.Proxy]) -> None:
         """Raise ValueError unless ``x`` is a (B, 3, H, W) tensor with H, W >= :data:`MIN_INPUT_SIZE`.
 
         Args:
@@ -406,7 +412,7 @@ class SecViT(BaseModule):
             raise ValueError(f'SecViT needs H and W >= {MIN_INPUT_SIZE} (one token at stride 32), '
                              f'got input of shape {tuple(x.shape)}')
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """x: (B, 3, H, W). Returns a tuple of (B, C_i, ceil(H / s_i), ceil(W / s_i)) maps, s_i = 4 * 2**i."""
         self.check_input(x)
         # The stem runs channels-last (see docs/performance.md); permuted, its output is (B, H, W, C) contiguous.

@@ -13,7 +13,8 @@ what may run; :func:`kernel_isa` says what does. Reasons for the choices are in 
 import contextlib
 import importlib
 import os
-from typing import Callable, Dict, Iterator, List, Optional
+from types import ModuleType
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -96,7 +97,7 @@ def kernel_isa() -> Optional[str]:
     return _CHOSEN_ISA[_allowed_isa]
 
 
-def kernels():
+def kernels() -> ModuleType:
     """The kernel module in use (see :func:`kernel_isa`); raises where there is none."""
     isa = kernel_isa()
     if isa is None:
@@ -311,12 +312,12 @@ BACKENDS: Dict[str, Dict[str, Callable[..., List[str]]]] = {
 }
 
 
-def choose_backend(op: str, *args, **kwargs) -> str:
+def choose_backend(op: str, *args: Any, **kwargs: Any) -> str:
     """The first backend of ``op`` (a key of :data:`BACKENDS`) that applies to these inputs."""
     return next(name for name, check in _backends(op).items() if not check(*args, **kwargs))
 
 
-def why_not(op: str, *args, **kwargs) -> Dict[str, List[str]]:
+def why_not(op: str, *args: Any, **kwargs: Any) -> Dict[str, List[str]]:
     """For each backend of ``op`` before the chosen one, the reasons it was not taken."""
     reasons = {}
     for name, check in _backends(op).items():

@@ -1,5 +1,7 @@
 """The SecViT FFN brick (1x1, GELU, residual 3x3 depthwise, 1x1 on (B, H, W, C) maps) and the recomputation
 that keeps its activations out of memory in training."""
+from typing import Optional, Tuple
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -33,7 +35,7 @@ class _RecomputedNormFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def params(norm, ffn):
+    def params(norm: nn.LayerNorm, ffn: 'ConvFFN') -> Tuple[Tensor, ...]:
         return (norm.weight, norm.bias, ffn.fc1.weight, ffn.fc1.bias, ffn.dwconv.weight, ffn.dwconv.bias,
                 ffn.fc2.weight, ffn.fc2.bias)
 
@@ -116,7 +118,7 @@ class ConvFFN(nn.Module):
         ``inplace`` may overwrite ``pre_act``)."""
         return gelu_depthwise_nhwc(self.dwconv, pre_act, residual=True, inplace=inplace)
 
-    def forward(self, x: Tensor, norm: nn.Module = None) -> Tensor:
+    def forward(self, x: Tensor, norm: Optional[nn.Module] = None) -> Tensor:
         """x: (B, H, W, C), normalised first by ``norm`` (the block's pre-norm) if given."""
         params = _RecomputedNormFFN.params(norm, self) if isinstance(norm, nn.LayerNorm) else ()
         if (self.recompute != 'none' and params and torch.is_grad_enabled()

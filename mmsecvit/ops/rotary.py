@@ -1,9 +1,11 @@
 """2-D rotary position embedding of q and k, as tables per map and their application to packed q/k/v."""
+from typing import Optional, Union
+
 import torch
 from torch import Tensor
 
 
-def rope_angles(head_dim: int, device=None) -> Tensor:
+def rope_angles(head_dim: int, device: Optional[Union[torch.device, str]] = None) -> Tensor:
     """Rotation frequencies of the 2-D rotary embedding: ``head_dim // 4`` values, each used twice.
 
     Returns:
@@ -36,7 +38,7 @@ class RotaryTables:
         angle = angle if angle.dtype == torch.float64 else angle.float()
         half = angle[::2]  # one frequency per rotated pair
 
-        def rotations(length):  # (length, 2, head_dim // 2): cosines, signed sines, per channel
+        def rotations(length: int) -> Tensor:  # (length, 2, head_dim // 2): cosines, signed sines, per channel
             theta = torch.arange(length, device=angle.device, dtype=angle.dtype)[:, None] * half
             # Not repeat_interleave: the TorchScript ONNX exporter then gets the ranks of later ops on theta wrong.
             cos = torch.stack([theta.cos(), theta.cos()], dim=-1).flatten(-2)
