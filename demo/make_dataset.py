@@ -24,7 +24,8 @@ def main(argv=None):
     out, num_train, num_val = args.out or out, args.num_train or num_train, args.num_val or num_val
     make = make_coco_demo if args.kind == 'coco' else make_ade_demo
     counts = make(out, num_train=num_train, num_val=num_val, seed=args.seed)
-    print(f'Wrote {out}: {counts} (train/val)')
+    objects = f' holding {counts["train"]} and {counts["val"]} objects' if args.kind == 'coco' else ''
+    print(f'Wrote {out}: {num_train} training and {num_val} validation images{objects}')
 
 
 if __name__ == '__main__':
