@@ -226,6 +226,15 @@ def float64_copy(conv):
     return expected
 
 
+def float64_reference(conv, x, grad, residual):
+    """The convolution's output and (input, weight, bias) gradients in float64."""
+    expected_conv = float64_copy(conv)
+    expected_x = x.detach().double().requires_grad_()
+    expected = reference_depthwise(expected_conv, expected_x, residual)
+    params = [expected_x, expected_conv.weight, expected_conv.bias]
+    return expected, torch.autograd.grad(expected, params, grad.double())
+
+
 @pytest.mark.parametrize('mode', ['inference', 'train', 'backward_in_autocast'])
 @pytest.mark.parametrize('kernel_size, residual', [(3, True), (5, False)])
 @pytest.mark.parametrize('dtype', HALF_DTYPES, ids=['bfloat16', 'float16'])
@@ -238,11 +247,7 @@ def test_autocast_depthwise_runs_in_float32(backend, onednn_half, dtype, kernel_
     conv = nn.Conv2d(24, 24, kernel_size, padding=kernel_size // 2, groups=24)
     x = torch.randn(2, 9, 11, 24).to(dtype).requires_grad_(mode != 'inference')
     grad = torch.randn(2, 9, 11, 24).to(dtype)
-    expected_conv = float64_copy(conv)
-    expected_x = x.detach().double().requires_grad_()
-    expected = reference_depthwise(expected_conv, expected_x, residual)
-    params = [expected_x, expected_conv.weight, expected_conv.bias]
-    expected_grads = torch.autograd.grad(expected, params, grad.double())
+    expected, expected_grads = float64_reference(conv, x, grad, residual)
     with torch.set_grad_enabled(mode != 'inference'), torch.autocast('cpu', dtype=dtype):
         plain = reference_depthwise(conv, x, residual)
         nchw = x.permute(0, 3, 1, 2)
@@ -277,11 +282,7 @@ def test_half_model_depthwise_runs_in_float32(backend, onednn_half, dtype, kerne
     conv = nn.Conv2d(24, 24, kernel_size, padding=kernel_size // 2, groups=24).to(dtype)
     x = torch.randn(2, 9, 11, 24).to(dtype).requires_grad_()
     grad = torch.randn(2, 9, 11, 24).to(dtype)
-    expected_conv = float64_copy(conv)
-    expected_x = x.detach().double().requires_grad_()
-    expected = reference_depthwise(expected_conv, expected_x, residual)
-    params = [expected_x, expected_conv.weight, expected_conv.bias]
-    expected_grads = torch.autograd.grad(expected, params, grad.double())
+    expected, expected_grads = float64_reference(conv, x, grad, residual)
     out = depthwise_nhwc(conv, x, residual)
     grads = torch.autograd.grad(out, [x, conv.weight, conv.bias], grad)
     chosen = dispatch.choose_backend('depthwise_precision', x.permute(0, 3, 1, 2), conv.weight, True)
