@@ -18,6 +18,12 @@ def assert_float32_close(got, want, terms=1):
     assert error <= bound, f'max difference {error:.3g} exceeds {bound:.3g} (largest value {scale:.3g})'
 
 
+def relative_error(got, want):
+    """||got - want|| / ||want|| in float64, with ``got`` brought to ``want``'s device."""
+    want = want.double()
+    return ((got.double().to(want.device) - want).norm() / want.norm()).item()
+
+
 def load_tool(path):
     """Import ``tools/<path>.py`` (e.g. ``'analysis_tools/benchmark'``) as a module."""
     spec = importlib.util.spec_from_file_location(path.rsplit('/', 1)[-1], TOOLS / f'{path}.py')

@@ -41,8 +41,9 @@ class RotaryTables:
         def rotations(length: int) -> Tensor:  # (length, 2, head_dim // 2): cosines, signed sines, per channel
             theta = torch.arange(length, device=angle.device, dtype=angle.dtype)[:, None] * half
             # Not repeat_interleave: the TorchScript ONNX exporter then gets the ranks of later ops on theta wrong.
-            cos = torch.stack([theta.cos(), theta.cos()], dim=-1).flatten(-2)
-            sin = torch.stack([-theta.sin(), theta.sin()], dim=-1).flatten(-2)
+            cos, sin = theta.cos(), theta.sin()
+            cos = torch.stack([cos, cos], dim=-1).flatten(-2)
+            sin = torch.stack([-sin, sin], dim=-1).flatten(-2)
             return torch.stack([cos, sin], dim=1)
 
         self._by_axis = torch.cat([rotations(height), rotations(width)]).contiguous()

@@ -7,6 +7,7 @@ import torch
 from mmsecvit import SecViT
 from mmsecvit.ops import semantic_order
 
+from helpers import relative_error
 from official_reference import build_pair
 
 HALF_PRECISION_TOLERANCE = {torch.float16: 0.05, torch.bfloat16: 0.25}  # relative error of the outputs
@@ -19,10 +20,6 @@ def full_float32_precision():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def relative_error(got, want):
-    return ((got.double().cpu() - want).norm() / want.norm()).item()
 
 
 def test_float64_outputs_and_gradients_match_the_official_reference(device):

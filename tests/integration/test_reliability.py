@@ -10,6 +10,8 @@ from mmengine.hooks import EMAHook
 from mmsecvit import SecViT
 from mmsecvit.ops import attention, dispatch, use_kernels
 
+from helpers import relative_error
+
 
 def tiny(**kwargs):
     return SecViT('tiny', cluster_size=16, **kwargs)
@@ -105,7 +107,7 @@ def test_model_held_in_another_dtype(model_and_input, dtype):
     tolerance = {torch.float64: 1e-10, torch.bfloat16: 0.25, torch.float16: 0.05}[dtype]
     for got, want in zip(outs, reference):
         assert torch.isfinite(got).all()
-        error = (got.double() - want).norm() / want.norm()
+        error = relative_error(got, want)
         assert error < tolerance, f'relative error {error:.3g} in {dtype}'
 
 
@@ -143,10 +145,6 @@ def test_training_steps_with_the_same_seed_give_the_same_loss():
             run.append(loss.item())
         losses.append(run)
     assert losses[0] == losses[1]
-
-
-def relative_error(got, want):
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 RANKING = attention.semantic_order
